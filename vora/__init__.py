@@ -1,0 +1,14 @@
+"""vora: Vision as LoRA — give a text LLM eyes with a patch embedding and LoRA, no vision encoder."""
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .configuration_vora import VoRAConfig
+from .modeling_vora import VoRAForCausalLM, VoRAPatchEmbed
+
+__version__ = "0.1.0"
+
+# `import vora` is enough for the Auto classes to know VoRA checkpoints (no trust_remote_code).
+AutoConfig.register("vora", VoRAConfig, exist_ok=True)
+AutoModelForCausalLM.register(VoRAConfig, VoRAForCausalLM, exist_ok=True)
+
+__all__ = ["VoRAConfig", "VoRAForCausalLM", "VoRAPatchEmbed"]
