@@ -106,11 +106,11 @@ def normalize_messages(messages: list[dict], image_token: str = IMAGE_TOKEN) -> 
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
             raise VoRASampleError("bad_conversation", f"message {i} is not an object")
-        role = msg.get("role", msg.get("from"))
-        role = ROLE_ALIASES.get(str(role).lower()) if role is not None else None
+        raw_role = msg.get("role") if msg.get("role") is not None else msg.get("from")
+        role = ROLE_ALIASES.get(str(raw_role).lower()) if raw_role is not None else None
         if role is None:
-            raise VoRASampleError("bad_conversation", f"message {i} has unknown role {msg.get('role', msg.get('from'))!r}")
-        content = msg.get("content", msg.get("value"))
+            raise VoRASampleError("bad_conversation", f"message {i} has unknown role {raw_role!r}")
+        content = msg.get("content") if msg.get("content") is not None else msg.get("value")
         if content is None:
             content = ""
         if isinstance(content, str):

@@ -1,0 +1,586 @@
+"""Training data: annotation sources → encoded samples (see ``VoRAProcessor.encode_conversation``).
+
+Sources (``{path, image_root?, format?, weight?, image_column?}``):
+
+* ``json`` / ``jsonl`` — LLaVA records (``conversations: [{from: human|gpt|system, value}]``, images under
+  ``image`` (str or list), ``images`` (list) or ``frames`` (list), paths relative to ``image_root``) or OpenAI
+  records (``messages: [{role, content: str | [{type: "image"|"text", ...}]}]``; image parts carry a path /
+  bytes in ``image``, or nothing, in which case they take the record's ``images`` in order). Rows without
+  images are text-only samples. The record schema is detected per row.
+  The file is streamed once into a memory-mapped Arrow cache (one string column with each record's JSON
+  text, plus its line number), so no rank holds the corpus as Python objects; malformed lines are reported with
+  ``file:line`` when the cache is built (and again from the cache's side file on later runs).
+* ``parquet`` (file, glob or directory), ``arrow`` (a file written by 🤗 datasets) and ``hf`` (a
+  ``save_to_disk`` directory) — columns ``conversations`` or ``messages`` (structs or JSON strings) and an
+  image column (``image_column``, default the first of ``images``/``image``/``frames``) holding image bytes,
+  ``{"bytes", "path"}`` structs (🤗 ``Image`` feature) or paths, or a list of those.
+
+Mixing: ``weight`` is a per-epoch repeat factor of the source (1 = each row once, 3 = three times, 0.5 = every
+other row, evenly spread). The dataset is map-style over the concatenation, so a sampler shuffles it and a resume
+can skip indices without loading them.
+
+Bad samples: ``on_bad_sample="skip"`` (default) — ``__getitem__`` returns ``None`` for a sample that cannot be
+used, the collator drops it, and the reason is counted in :class:`BadSampleCounter`; ``"error"`` raises a
+``ValueError`` naming ``file:line`` (or ``file[index]`` / ``file row N``), the reason and the field or path.
+A skipped sample is never replaced by another one. The counters live in shared memory created by the main process,
+so increments made in DataLoader worker processes are visible to the main process: call
+``dataset.stats.report()`` at the end of an epoch.
+"""
+
+from __future__ import annotations
+
+import bisect
+import fcntl
+import glob
+import hashlib
+import io
+import json
+import logging
+import math
+import multiprocessing
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+from PIL import Image
+
+from .processing_vora import VoRAProcessor, VoRASampleError, normalize_messages
+
+logger = logging.getLogger(__name__)
+
+# Fixed so that the shared counters can be plain integer slots.
+SKIP_REASONS = (
+    "malformed_json",  # a JSONL line (or JSON list element) that does not parse to an object
+    "unknown_format",  # a record with neither `conversations` nor `messages`
+    "bad_conversation",  # wrong types, unknown role, starts with the assistant, ...
+    "no_assistant_turn",
+    "placeholder_mismatch",  # number of <image> placeholders != number of images
+    "image_missing",  # image file not found
+    "image_unreadable",  # image file / bytes that PIL cannot decode
+    "bad_image",  # decodes, but cannot be resized (e.g. absurd aspect ratio)
+    "images_exceed_max_length",  # image tokens alone exceed max_length
+    "no_labels_after_truncation",
+    "template_error",  # the chat template output cannot be aligned with the turns
+)
+EVENTS = ("ok", "truncated")
+_SLOTS = SKIP_REASONS + EVENTS
+
+IMAGE_KEYS = ("images", "image", "frames")
+LOG_FIRST_PER_REASON = 5
+
+
+class BadSampleCounter:
+    """Counts of skipped samples by reason, plus ``ok`` and ``truncated`` events.
+
+    The counts are kept in a ``multiprocessing.Array`` allocated by the process that builds the dataset; DataLoader
+    workers inherit it (fork) or receive it while being started (spawn/forkserver), so their increments are seen by
+    the main process. Counts are per process group rank; ``report(all_reduce=True)`` sums over ranks.
+    """
+
+    def __init__(self):
+        self._arr = multiprocessing.Array("q", len(_SLOTS), lock=True)
+        self._logged: dict[str, int] = {}
+        self._detached = False
+
+    def __getstate__(self):
+        from multiprocessing.context import get_spawning_popen
+
+        state = self.__dict__.copy()
+        if get_spawning_popen() is None:
+            # Pickled outside process start-up (e.g. deepcopy): a shared array cannot travel, the copy gets
+            # private counts. Say so rather than losing counts silently.
+            logger.warning("BadSampleCounter copied outside a worker start-up: the copy counts privately")
+            state["_arr"] = list(self._arr[:])
+            state["_detached"] = True
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if isinstance(self._arr, list):
+            arr = multiprocessing.Array("q", len(_SLOTS), lock=True)
+            arr[:] = self._arr
+            self._arr = arr
+        self._logged = {}
+
+    def add(self, reason: str, where: str = "", detail: str = "") -> None:
+        idx = _SLOTS.index(reason) if reason in _SLOTS else None
+        if idx is None:
+            raise KeyError(f"unknown bad-sample reason {reason!r}")
+        with self._arr.get_lock():
+            self._arr[idx] += 1
+        if reason == "ok":
+            return
+        n = self._logged.get(reason, 0) + 1
+        self._logged[reason] = n
+        level = logging.WARNING if n <= LOG_FIRST_PER_REASON else logging.DEBUG
+        verb = "truncated" if reason == "truncated" else f"skipped ({reason})"
+        logger.log(level, "%s: %s: %s%s", where, verb, detail,
+                   " (further ones logged at DEBUG)" if n == LOG_FIRST_PER_REASON else "")
+
+    def counts(self) -> dict[str, int]:
+        with self._arr.get_lock():
+            vals = list(self._arr[:])
+        return dict(zip(_SLOTS, vals))
+
+    def skipped(self) -> dict[str, int]:
+        """Non-zero skip counts by reason."""
+        return {k: v for k, v in self.counts().items() if k in SKIP_REASONS and v}
+
+    def reset(self) -> None:
+        with self._arr.get_lock():
+            self._arr[:] = [0] * len(_SLOTS)
+
+    def report(self, reset: bool = False, all_reduce: bool = False, log: bool = True) -> dict[str, Any]:
+        """``{"ok": n, "truncated": n, "skipped": {reason: n}, "skipped_total": n}``; logged at INFO (WARNING if
+        anything was skipped). ``all_reduce`` sums over the ranks of an initialised ``torch.distributed`` group
+        (every rank must call it)."""
+        c = self.counts()
+        if all_reduce and torch.distributed.is_available() and torch.distributed.is_initialized():
+            t = torch.tensor([c[k] for k in _SLOTS], dtype=torch.long)
+            torch.distributed.all_reduce(t)
+            c = dict(zip(_SLOTS, t.tolist()))
+        skipped = {k: c[k] for k in SKIP_REASONS if c[k]}
+        out = {"ok": c["ok"], "truncated": c["truncated"], "skipped": skipped, "skipped_total": sum(skipped.values())}
+        if log:
+            msg = "data: %d samples ok, %d truncated, %d skipped %s" % (
+                out["ok"], out["truncated"], out["skipped_total"], skipped or "")
+            logger.log(logging.WARNING if skipped else logging.INFO, msg)
+        if reset:
+            self.reset()
+        return out
+
+
+class SampleError(VoRASampleError):
+    """A bad sample found while reading a record (same ``reason`` keys as the processor's)."""
+
+
+@dataclass
+class DataSource:
+    path: str
+    image_root: str | None = None
+    format: str | None = None  # json | jsonl | parquet | arrow | hf; inferred from the path when None
+    weight: float = 1.0
+    image_column: str | None = None
+    name: str | None = None
+
+    @classmethod
+    def coerce(cls, spec: "DataSource | dict | str") -> "DataSource":
+        if isinstance(spec, DataSource):
+            return spec
+        if isinstance(spec, str):
+            return cls(path=spec)
+        if isinstance(spec, dict):
+            unknown = set(spec) - set(cls.__dataclass_fields__)
+            if unknown:
+                raise ValueError(f"data source {spec.get('path')!r}: unknown keys {sorted(unknown)}")
+            if "path" not in spec:
+                raise ValueError(f"data source without 'path': {spec}")
+            return cls(**spec)
+        raise TypeError(f"data source must be a dict or a path, got {type(spec).__name__}")
+
+
+def _default_cache_dir() -> str:
+    return os.environ.get("VORA_DATA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "vora", "data"))
+
+
+def infer_format(path: str) -> str:
+    p = path.rstrip("/")
+    if os.path.isdir(p):
+        if os.path.exists(os.path.join(p, "dataset_info.json")) or os.path.exists(os.path.join(p, "state.json")) \
+                or os.path.exists(os.path.join(p, "dataset_dict.json")):
+            return "hf"
+        if glob.glob(os.path.join(p, "*.parquet")):
+            return "parquet"
+        if glob.glob(os.path.join(p, "*.arrow")):
+            return "arrow"
+        raise ValueError(f"data source {path}: cannot tell the format of this directory (set 'format')")
+    low = p.lower()
+    for ext, fmt in ((".jsonl", "jsonl"), (".json", "json"), (".parquet", "parquet"), (".arrow", "arrow")):
+        if low.endswith(ext):
+            return fmt
+    if any(ch in p for ch in "*?[") and low.endswith(".parquet"):
+        return "parquet"
+    raise ValueError(f"data source {path}: unknown format (expected .json, .jsonl, .parquet, .arrow or a "
+                     f"save_to_disk directory; or set 'format')")
+
+
+# --------------------------------------------------------------------------- JSON → Arrow cache
+def _json_cache(path: str, fmt: str, cache_dir: str) -> tuple[str, dict]:
+    """Build (once, under a file lock) a memory-mappable Arrow file of the records' JSON texts.
+    Returns (arrow path, meta) with meta["bad"] = [[line, error], ...] (first 1000) and meta["n_bad"]."""
+    import pyarrow as pa
+
+    st = os.stat(path)
+    key = hashlib.sha1(f"v1|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{fmt}".encode()).hexdigest()[:16]
+    os.makedirs(cache_dir, exist_ok=True)
+    stem = os.path.basename(path).replace(".", "_")
+    arrow_path = os.path.join(cache_dir, f"{stem}-{key}.arrow")
+    meta_path = arrow_path + ".meta.json"
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            return arrow_path, json.load(f)
+    with open(arrow_path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if os.path.exists(meta_path):
+                with open(meta_path) as f:
+                    return arrow_path, json.load(f)
+            schema = pa.schema([("raw", pa.large_string()), ("line", pa.int64())])
+            bad: list[list] = []
+            n_bad = 0
+            n_rows = 0
+            tmp = arrow_path + f".tmp{os.getpid()}"
+            with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+                raws: list[str] = []
+                lines: list[int] = []
+
+                def flush():
+                    if raws:
+                        writer.write_batch(pa.record_batch([pa.array(raws, pa.large_string()), pa.array(lines, pa.int64())], schema=schema))
+                        raws.clear()
+                        lines.clear()
+
+                for line_no, raw, err in _iter_json_records(path, fmt):
+                    if err is not None:
+                        n_bad += 1
+                        if len(bad) < 1000:
+                            bad.append([line_no, err])
+                        continue
+                    raws.append(raw)
+                    lines.append(line_no)
+                    n_rows += 1
+                    if len(raws) >= 10000:
+                        flush()
+                flush()
+            os.replace(tmp, arrow_path)
+            meta = {"source": os.path.abspath(path), "rows": n_rows, "n_bad": n_bad, "bad": bad}
+            with open(meta_path + ".tmp", "w") as f:
+                json.dump(meta, f)
+            os.replace(meta_path + ".tmp", meta_path)
+            return arrow_path, meta
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _iter_json_records(path: str, fmt: str) -> Iterable[tuple[int, str | None, str | None]]:
+    """Yield (line number or list index, record JSON text, error) for a JSONL or JSON-list file."""
+    is_list = False
+    if fmt == "json":
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip()
+        is_list = head.startswith(b"[")
+    if is_list:
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{e.lineno}: malformed JSON file: {e.msg} (column {e.colno})") from e
+        for i, rec in enumerate(data):
+            if not isinstance(rec, dict):
+                yield i, None, f"element is {type(rec).__name__}, not an object"
+            else:
+                yield i, json.dumps(rec, ensure_ascii=False), None
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line_no, line in enumerate(f, 1):
+            s = line.strip()
+            if not s:
+                continue
+            try:
+                rec = json.loads(s)
+            except json.JSONDecodeError as e:
+                yield line_no, None, f"malformed JSON: {e.msg} (column {e.colno})"
+                continue
+            if not isinstance(rec, dict):
+                yield line_no, None, f"line is a JSON {type(rec).__name__}, not an object"
+                continue
+            yield line_no, s, None
+
+
+# --------------------------------------------------------------------------- sources
+class _Source:
+    def __init__(self, spec: DataSource, cache_dir: str):
+        self.spec = spec
+        self.path = spec.path
+        self.fmt = spec.format or infer_format(spec.path)
+        self.image_root = spec.image_root if spec.image_root is not None else (
+            os.path.dirname(os.path.abspath(spec.path)) if not os.path.isdir(spec.path) else os.path.abspath(spec.path))
+        self.bad_lines: list[list] = []
+        self.n_bad_lines = 0
+        if self.fmt in ("json", "jsonl"):
+            import datasets
+
+            arrow_path, meta = _json_cache(spec.path, self.fmt, cache_dir)
+            self.table = datasets.Dataset.from_file(arrow_path)
+            self.bad_lines, self.n_bad_lines = meta["bad"], meta["n_bad"]
+            self.kind = "json"
+        elif self.fmt in ("parquet", "arrow", "hf"):
+            self.table = _load_table(spec.path, self.fmt, cache_dir)
+            self.kind = "table"
+            cols = self.table.column_names
+            self.image_column = spec.image_column or next((c for c in IMAGE_KEYS if c in cols), None)
+            if spec.image_column and spec.image_column not in cols:
+                raise ValueError(f"data source {spec.path}: image_column {spec.image_column!r} not in columns {cols}")
+            if self.image_column is not None:
+                self.table = _no_decode(self.table, self.image_column)
+        else:
+            raise ValueError(f"data source {spec.path}: unknown format {self.fmt!r}")
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def get(self, row: int) -> tuple[dict | None, str]:
+        r = self.table[row]
+        if self.kind == "json":
+            where = f"{self.path}:{r['line']}" if not self._is_list() else f"{self.path}[{r['line']}]"
+            return json.loads(r["raw"]), where
+        return r, f"{self.path} row {row}"
+
+    def _is_list(self) -> bool:
+        if not hasattr(self, "_list_flag"):
+            self._list_flag = False
+            if self.fmt == "json":
+                with open(self.path, "rb") as f:
+                    self._list_flag = f.read(4096).lstrip().startswith(b"[")
+        return self._list_flag
+
+
+def _load_table(path: str, fmt: str, cache_dir: str):
+    import datasets
+
+    if fmt == "hf":
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" in ds:
+                ds = ds["train"]
+            elif len(ds) == 1:
+                ds = next(iter(ds.values()))
+            else:
+                raise ValueError(f"data source {path}: DatasetDict with splits {list(ds)}; point at one split")
+        return ds
+    if fmt == "parquet":
+        files = sorted(glob.glob(os.path.join(path, "*.parquet"))) if os.path.isdir(path) else sorted(glob.glob(path))
+        if not files:
+            raise ValueError(f"data source {path}: no parquet files")
+        return datasets.Dataset.from_parquet(files, cache_dir=cache_dir)
+    files = sorted(glob.glob(os.path.join(path, "*.arrow"))) if os.path.isdir(path) else [path]
+    parts = [datasets.Dataset.from_file(f) for f in files]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def _no_decode(ds, col: str):
+    """Keep 🤗 Image columns as {bytes, path} so decoding errors are ours to classify."""
+    from datasets import Image as HFImage, List, Sequence
+
+    feat = ds.features.get(col)
+    if isinstance(feat, HFImage) and feat.decode:
+        return ds.cast_column(col, HFImage(decode=False))
+    if isinstance(feat, (List, Sequence)) and isinstance(getattr(feat, "feature", None), HFImage) and feat.feature.decode:
+        return ds.cast_column(col, List(HFImage(decode=False)))
+    return ds
+
+
+# --------------------------------------------------------------------------- records → (messages, images)
+def open_image(obj: Any, image_root: str | None, field: str) -> Image.Image:
+    """Open one image reference (path relative to ``image_root``, bytes, {bytes, path}, PIL) → loaded PIL image."""
+    if isinstance(obj, Image.Image):
+        return obj
+    if isinstance(obj, dict):
+        if obj.get("bytes"):
+            return open_image(obj["bytes"], image_root, field)
+        if obj.get("path"):
+            return open_image(obj["path"], image_root, field)
+        raise SampleError("image_missing", f"{field}: image entry without bytes or path")
+    if isinstance(obj, (bytes, bytearray)):
+        try:
+            img = Image.open(io.BytesIO(obj))
+            img.load()
+            return img
+        except Exception as e:  # PIL raises many types
+            raise SampleError("image_unreadable", f"{field}: undecodable image bytes ({len(obj)} B): {e}") from e
+    if isinstance(obj, str):
+        if "://" in obj and not obj.startswith("file://"):
+            raise SampleError("image_missing", f"{field}: remote image {obj} (URLs are not fetched)")
+        p = obj[len("file://"):] if obj.startswith("file://") else obj
+        path = p if os.path.isabs(p) or not image_root else os.path.join(image_root, p)
+        if not os.path.isfile(path):
+            raise SampleError("image_missing", f"{field}: image not found: {path}")
+        try:
+            img = Image.open(path)
+            img.load()
+            return img
+        except Exception as e:
+            raise SampleError("image_unreadable", f"{field}: cannot read image {path}: {e}") from e
+    if obj is None:
+        raise SampleError("image_missing", f"{field}: null image reference")
+    raise SampleError("image_unreadable", f"{field}: unsupported image value of type {type(obj).__name__}")
+
+
+def _as_list(v) -> list:
+    if v is None:
+        return []
+    if isinstance(v, (list, tuple)):
+        return list(v)
+    return [v]
+
+
+def _maybe_json(v, field: str):
+    if isinstance(v, str):
+        try:
+            return json.loads(v)
+        except json.JSONDecodeError as e:
+            raise SampleError("bad_conversation", f"field {field!r} is a string that is not JSON: {e.msg}") from e
+    return v
+
+
+def record_to_conversation(rec: dict, image_column: str | None, image_root: str | None, load_images: bool = True):
+    """One record → (messages with string content and ``<image>`` placeholders, loaded images in order).
+
+    Raises :class:`SampleError` for bad records. Cheap checks (format, roles, assistant turn, placeholder count)
+    come before any image is opened."""
+    if "conversations" in rec and rec["conversations"] is not None:
+        conv = _maybe_json(rec["conversations"], "conversations")
+        field = "conversations"
+    elif "messages" in rec and rec["messages"] is not None:
+        conv = _maybe_json(rec["messages"], "messages")
+        field = "messages"
+    else:
+        raise SampleError("unknown_format", f"record has neither 'conversations' nor 'messages' (keys: {sorted(rec)[:8]})")
+    if not isinstance(conv, list) or not conv:
+        raise SampleError("bad_conversation", f"field {field!r} is not a non-empty list")
+    msgs, part_images = normalize_messages(conv)
+
+    if image_column is not None:
+        refs = _as_list(rec.get(image_column))
+        img_field = image_column
+    else:
+        img_field, refs = None, []
+        for k in IMAGE_KEYS:
+            if rec.get(k) is not None:
+                img_field, refs = k, _as_list(rec[k])
+                break
+    # Image parts without a value take the record-level images in order; the rest stay in the list.
+    refs_iter = iter(refs)
+    resolved = []
+    for k, im in enumerate(part_images):
+        if im is None:
+            try:
+                resolved.append((next(refs_iter), f"{img_field}[{len(resolved)}]"))
+            except StopIteration:
+                raise SampleError("placeholder_mismatch", f"{field}: more image parts than entries in {img_field!r}") from None
+        else:
+            resolved.append((im, f"{field} image part {k}"))
+    rest = list(refs_iter)
+    offset = len(refs) - len(rest)
+    resolved += [(r, f"{img_field}[{offset + j}]" if len(refs) > 1 else f"{img_field}") for j, r in enumerate(rest)]
+
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise SampleError("no_assistant_turn", f"{field}: no assistant (gpt) turn")
+    n_ph = sum(m["content"].count("<image>") for m in msgs)
+    if n_ph and n_ph != len(resolved):
+        raise SampleError("placeholder_mismatch", f"{field}: {n_ph} <image> placeholders but {len(resolved)} images")
+    if not load_images:
+        return msgs, resolved
+    images = [open_image(obj, image_root, fld) for obj, fld in resolved]
+    return msgs, images
+
+
+# --------------------------------------------------------------------------- dataset
+class VoRADataset(torch.utils.data.Dataset):
+    """Map-style dataset of encoded samples over weighted sources.
+
+    ``VoRADataset(sources, processor, max_length=None, on_bad_sample="skip", cache_dir=None)``
+
+    ``dataset[i]`` → ``{"input_ids", "labels", "pixel_values", "image_grid_hw"}`` or ``None`` (skipped, counted
+    in ``dataset.stats``). ``on_bad_sample="error"`` raises ``ValueError("<file:line>: <reason>: <detail>")``
+    instead (also at construction for malformed JSON lines).
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[DataSource | dict | str],
+        processor: VoRAProcessor,
+        max_length: int | None = None,
+        on_bad_sample: str = "skip",
+        cache_dir: str | None = None,
+    ):
+        if on_bad_sample not in ("skip", "error"):
+            raise ValueError(f"on_bad_sample must be 'skip' or 'error', got {on_bad_sample!r}")
+        if not sources:
+            raise ValueError("no data sources")
+        self.processor = processor
+        self.max_length = max_length
+        self.on_bad_sample = on_bad_sample
+        self.stats = BadSampleCounter()
+        cache_dir = cache_dir or _default_cache_dir()
+        self.sources = [_Source(DataSource.coerce(s), cache_dir) for s in sources]
+        self._sizes = []
+        for src in self.sources:
+            if src.spec.weight < 0:
+                raise ValueError(f"data source {src.path}: negative weight")
+            self._sizes.append(int(round(src.spec.weight * len(src))))
+            if src.n_bad_lines:
+                first_line, first_err = src.bad_lines[0]
+                loc = f"{src.path}:{first_line}" if src.fmt == "jsonl" or not src._is_list() else f"{src.path}[{first_line}]"
+                if on_bad_sample == "error":
+                    raise ValueError(f"{loc}: malformed_json: {first_err} ({src.n_bad_lines} bad lines in this file)")
+                for line, err in src.bad_lines:
+                    loc = f"{src.path}:{line}" if not src._is_list() else f"{src.path}[{line}]"
+                    self.stats.add("malformed_json", loc, err)
+                # Lines beyond the first 1000 recorded are counted without a location.
+                for _ in range(src.n_bad_lines - len(src.bad_lines)):
+                    with self.stats._arr.get_lock():
+                        self.stats._arr[_SLOTS.index("malformed_json")] += 1
+        self._cum = [0]
+        for n in self._sizes:
+            self._cum.append(self._cum[-1] + n)
+        logger.info("data: %s", ", ".join(f"{s.path} ({len(s)} rows × {s.spec.weight:g} → {n})"
+                                          for s, n in zip(self.sources, self._sizes)))
+
+    def __len__(self) -> int:
+        return self._cum[-1]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """Global index → (source index, row in the source), following the repeat factors."""
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        s = bisect.bisect_right(self._cum, index) - 1
+        k = index - self._cum[s]
+        n_rows = len(self.sources[s])
+        full = int(math.floor(self.sources[s].spec.weight)) * n_rows
+        if k < full:
+            return s, k % n_rows
+        rem = self._sizes[s] - full
+        return s, (k - full) * n_rows // rem
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor] | None:
+        s, row = self.locate(index)
+        src = self.sources[s]
+        where = f"{src.path} row {row}"
+        try:
+            rec, where = src.get(row)
+            msgs, images = record_to_conversation(
+                rec, src.image_column if src.kind == "table" else src.spec.image_column, src.image_root)
+            enc = self.processor.encode_conversation(msgs, images, max_length=self.max_length)
+        except VoRASampleError as e:
+            if self.on_bad_sample == "error":
+                raise ValueError(f"{where}: {e.reason}: {e}") from e
+            self.stats.add(e.reason if e.reason in SKIP_REASONS else "bad_conversation", where, str(e))
+            return None
+        if enc["counts"].get("truncated"):
+            self.stats.add("truncated", where, f"cut to {len(enc['input_ids'])} tokens (max_length={self.max_length})")
+        self.stats.add("ok")
+        return {k: enc[k] for k in ("input_ids", "labels", "pixel_values", "image_grid_hw")}
+
+    def report(self, **kw) -> dict[str, Any]:
+        """Shortcut for ``self.stats.report(**kw)``."""
+        return self.stats.report(**kw)
+
+
+__all__ = [
+    "VoRADataset", "DataSource", "BadSampleCounter", "SKIP_REASONS", "record_to_conversation", "open_image",
+    "infer_format",
+]
