@@ -1,0 +1,179 @@
+"""Distillation: teachers load offline, losses equal a hand computation, text-only batches run every module."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model, SiglipVisionConfig, SiglipVisionModel
+
+from tests.test_model import P, make_batch
+from tests.tiny import IMAGE_TOKEN_ID, save_tiny_llm
+from vora import VoRAForCausalLM
+from vora.distill import Teacher, VoRAForTraining, default_layer_map, init_patch_embed_from_teacher
+from vora.lora import add_lora
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+TEACHER_MEAN, TEACHER_STD = (0.45, 0.45, 0.4), (0.27, 0.26, 0.28)
+
+
+def save_teacher(path, kind="clip", image_size=8, patch=2, width=16, layers=3):
+    torch.manual_seed(3)
+    common = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=2, image_size=image_size, patch_size=patch)
+    if kind == "clip":
+        model = CLIPVisionModel(CLIPVisionConfig(**common))
+    elif kind == "siglip":
+        model = SiglipVisionModel(SiglipVisionConfig(**common))
+    elif kind == "dinov2":
+        model = Dinov2Model(Dinov2Config(**common))
+    model.save_pretrained(path)
+    with open(f"{path}/preprocessor_config.json", "w") as f:
+        json.dump({"image_mean": TEACHER_MEAN, "image_std": TEACHER_STD}, f)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    return {"llm": save_tiny_llm(str(root / "llm"), arch="llama"), "clip": save_teacher(root / "clip")}
+
+
+def build(dirs, pairs=((1, 1), (2, 3)), weight=0.7):
+    torch.manual_seed(0)
+    vora = VoRAForCausalLM.from_llm(dirs["llm"], image_token_id=IMAGE_TOKEN_ID, patch_size=P, vision_embed_dim=16, position_grid=4, dtype=torch.float32)
+    add_lora(vora, num_layers=2, rank=4)
+    teacher = Teacher.from_pretrained(dirs["clip"], blocks=sorted({t for _, t in pairs}))
+    return VoRAForTraining(vora, teacher, list(pairs), weight=weight, image_mean=MEAN, image_std=STD)
+
+
+def labels_for(input_ids, attention_mask):
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    return labels.masked_fill(input_ids == IMAGE_TOKEN_ID, -100)
+
+
+def test_loss_equals_hand_computation_two_images_of_different_sizes(dirs):
+    model = build(dirs).eval()
+    input_ids, attention_mask, pixel_values, grid = make_batch([[3, (2, 3), 2], [1, (3, 1), 4]], "right")
+    labels = labels_for(input_ids, attention_mask)
+    with torch.no_grad():
+        got = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, pixel_values=pixel_values, image_grid_hw=grid)
+
+        # --- independent reference ---
+        vora = model.vora
+        ref = vora(input_ids=input_ids, attention_mask=attention_mask, labels=labels, pixel_values=pixel_values, image_grid_hw=grid, output_hidden_states=True)
+        hidden = ref.hidden_states
+        clip = CLIPVisionModel.from_pretrained(dirs["clip"]).eval()
+        images = []
+        offset = 0
+        for gh, gw in grid.tolist():
+            patches = pixel_values[offset : offset + gh * gw].t().unsqueeze(0)  # 1, 3*p*p, n
+            img = F.fold(patches, output_size=(gh * P, gw * P), kernel_size=P, stride=P)
+            img = img * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+            img = F.interpolate(img.clamp(0, 1), size=(8, 8), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+            images.append((img - torch.tensor(TEACHER_MEAN).view(1, 3, 1, 1)) / torch.tensor(TEACHER_STD).view(1, 3, 1, 1))
+            offset += gh * gw
+        t_hidden = clip(pixel_values=torch.cat(images), output_hidden_states=True).hidden_states
+        positions = [(b, t) for b in range(input_ids.shape[0]) for t in range(input_ids.shape[1]) if input_ids[b, t] == IMAGE_TOKEN_ID]
+        block_losses = []
+        for head, (s, t) in zip(model.distill_heads, model.pairs):
+            per_image, start = [], 0
+            for i, (gh, gw) in enumerate(grid.tolist()):
+                feats = t_hidden[t][i, 1:].t().reshape(1, -1, 4, 4)  # CLS dropped, 4x4 teacher grid
+                feats = F.interpolate(feats, size=(gh, gw), mode="bilinear", align_corners=False)[0].flatten(1).t()
+                pos = positions[start : start + gh * gw]
+                h = torch.stack([hidden[s][b, tok] for b, tok in pos])
+                cos = F.cosine_similarity(head(h), feats, dim=-1)
+                per_image.append((1 - cos).mean())
+                start += gh * gw
+            block_losses.append(torch.stack(per_image).mean())
+        block_losses = torch.stack(block_losses)
+    torch.testing.assert_close(got.block_losses, block_losses, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.lm_loss, ref.loss)
+    torch.testing.assert_close(got.loss, ref.loss + 0.7 * block_losses.mean(), atol=1e-5, rtol=1e-5)
+    assert set(got.logs(model.pairs)) == {"lm_loss", "distill_loss", "distill_block_1", "distill_block_2"}
+
+
+def test_text_only_batch_runs_every_module_with_zero_weight(dirs):
+    model = build(dirs).train()
+    input_ids, attention_mask, _, _ = make_batch([[6], [4]], "right")
+    labels = labels_for(input_ids, attention_mask)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, pixel_values=torch.zeros(0, 3 * P * P), image_grid_hw=torch.zeros(0, 2, dtype=torch.long))
+    with torch.no_grad():
+        plain = model.vora(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    torch.testing.assert_close(out.loss, plain)  # LM loss of text-only samples unchanged
+    assert float(out.distill_loss) == 0.0
+    out.loss.backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.startswith("distill_heads.") for n in trainable) and any(n.startswith("vora.vision_embed.") for n in trainable)
+    no_grad = [n for n, p in trainable.items() if p.grad is None]
+    assert not no_grad, f"modules skipped on a text-only batch: {no_grad}"
+    assert all(float(p.grad.abs().sum()) == 0 for n, p in trainable.items() if n.startswith(("distill_heads.", "vora.vision_embed.")))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(dirs):
+    batch = make_batch([[2, (2, 2), 3]], "right")
+    kw = dict(input_ids=batch[0], attention_mask=batch[1], labels=labels_for(batch[0], batch[1]), pixel_values=batch[2], image_grid_hw=batch[3])
+    grads = []
+    for ckpt in (False, True):
+        model = build(dirs).train()
+        if ckpt:
+            model.vora.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model(**kw).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind, prefix", [("siglip", 0), ("dinov2", 1)])
+def test_other_transformers_teachers(tmp_path, kind, prefix):
+    teacher = Teacher.from_pretrained(save_teacher(tmp_path / kind, kind), blocks=[2])
+    feats = teacher(torch.rand(2, 3, 8, 8))
+    assert list(feats) == [2] and feats[2].shape == (2, 16, 4, 4)
+    assert teacher.depth == 3
+
+
+def test_timm_teacher_from_local_file(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    name = "vit_tiny_patch16_224"
+    model = timm.create_model(name, pretrained=False, num_classes=0, img_size=32, depth=3)
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    # the file holds the weights; a 3-block, 32-px variant of the architecture
+    teacher = Teacher.from_pretrained(str(tmp_path / "w.safetensors"), blocks=[1, 3], backend="timm", timm_model=name, timm_kwargs={"img_size": 32, "depth": 3})
+    assert teacher.blocks == [1, 3] and teacher.depth == 3 and teacher.grid == (2, 2)
+    torch.testing.assert_close(teacher.model.patch_embed.proj.weight, model.patch_embed.proj.weight)  # weights from the file
+    x = torch.rand(2, 3, 32, 32)
+    feats = teacher(x)
+    model.eval()
+    want = model.forward_intermediates((x - teacher.mean) / teacher.std, indices=[2], intermediates_only=True)[0]
+    torch.testing.assert_close(feats[3], want)
+
+
+def test_layer_map_and_errors(dirs, tmp_path):
+    assert default_layer_map(3, 3) == [(1, 1), (2, 2), (3, 3)]
+    assert default_layer_map(4, 12) == [(1, 3), (2, 6), (3, 9), (4, 12)]
+    with pytest.raises(ValueError, match="outside 1..3"):
+        Teacher.from_pretrained(dirs["clip"], blocks=[4])
+    with pytest.raises(ValueError, match="LLM block"):
+        build(dirs, pairs=((9, 1),))
+    # a teacher without a patch grid
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=50)).save_pretrained(tmp_path / "bert")
+    with pytest.raises(ValueError, match="patch grid"):
+        Teacher.from_pretrained(str(tmp_path / "bert"), blocks=[1])
+
+
+def test_patch_embed_init_from_teacher(dirs, tmp_path):
+    vora = VoRAForCausalLM.from_llm(dirs["llm"], image_token_id=IMAGE_TOKEN_ID, patch_size=P, vision_embed_dim=16, position_grid=4, dtype=torch.float32)
+    teacher = Teacher.from_pretrained(dirs["clip"], blocks=[1])
+    copied = init_patch_embed_from_teacher(vora.vision_embed, teacher)
+    assert "conv.weight" in copied and "position" in copied
+    torch.testing.assert_close(vora.vision_embed.conv.weight, teacher.model.embeddings.patch_embedding.weight)
+    pos = teacher.model.embeddings.position_embedding.weight[1:]  # CLS dropped, 4x4 grid
+    torch.testing.assert_close(vora.vision_embed.position[0].flatten(1).t(), pos)
+    wrong = VoRAForCausalLM.from_llm(dirs["llm"], image_token_id=IMAGE_TOKEN_ID, patch_size=4, vision_embed_dim=16, position_grid=4)
+    with pytest.raises(ValueError, match="does not fit"):
+        init_patch_embed_from_teacher(wrong.vision_embed, teacher)
