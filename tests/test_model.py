@@ -103,6 +103,7 @@ def test_mask_matches_dense_reference(llm_dirs, arch, attn, padding_side):
     if attn == "flex_attention" and arch == "llama":
         pytest.skip("flex compiles for ~20 s on CPU; one architecture is enough for the kernel")
     model = build(llm_dirs[arch], attn)
+    assert model.language_model.config._attn_implementation == attn  # the kernel under test is really used
     batch = make_batch(ROWS, padding_side)
     input_ids, attention_mask, pixel_values, image_grid_hw = batch
     with torch.no_grad():

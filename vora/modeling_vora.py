@@ -104,10 +104,10 @@ class VoRAForCausalLM(VoRAPreTrainedModel, GenerationMixin):
             if attn_implementation is not None:
                 kwargs["attn_implementation"] = attn_implementation
             llm = AutoModelForCausalLM.from_pretrained(llm, **kwargs)
+        impl = llm.config._attn_implementation  # read first: the nested configs' choice is reset below
         config = VoRAConfig(text_config=llm.config, image_token_id=image_token_id, **vora_kwargs)
-        impl = llm.config._attn_implementation
         model = cls(config, language_model=llm)
-        model.set_attn_implementation(impl)  # PreTrainedModel.__init__ resets the nested config's choice
+        model.set_attn_implementation(impl)
         model.vision_embed.to(llm.dtype)
         return model
 
