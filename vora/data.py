@@ -70,6 +70,12 @@ IMAGE_KEYS = ("images", "image", "frames")
 LOG_FIRST_PER_REASON = 5
 
 
+def _shared_array():
+    # A lock made by the "spawn" context can be shared with workers started by fork, spawn or forkserver (one made
+    # by the default fork context is refused by spawn/forkserver workers).
+    return multiprocessing.get_context("spawn").Array("q", len(_SLOTS), lock=True)
+
+
 class BadSampleCounter:
     """Counts of skipped samples by reason, plus ``ok`` and ``truncated`` events.
 
@@ -79,7 +85,7 @@ class BadSampleCounter:
     """
 
     def __init__(self):
-        self._arr = multiprocessing.Array("q", len(_SLOTS), lock=True)
+        self._arr = _shared_array()
         self._logged: dict[str, int] = {}
         self._detached = False
 
@@ -98,7 +104,7 @@ class BadSampleCounter:
     def __setstate__(self, state):
         self.__dict__.update(state)
         if isinstance(self._arr, list):
-            arr = multiprocessing.Array("q", len(_SLOTS), lock=True)
+            arr = _shared_array()
             arr[:] = self._arr
             self._arr = arr
         self._logged = {}

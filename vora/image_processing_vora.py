@@ -117,7 +117,7 @@ def _to_chw_float(image: Any) -> tuple[torch.Tensor | None, Image.Image | None]:
             channels_first = arr.shape[-1] not in (1, 3, 4) and arr.shape[0] in (1, 3, 4)
     else:
         raise ValueError(f"image array must have 2 or 3 dimensions, got shape {tuple(arr.shape)}")
-    t = arr if is_torch else torch.from_numpy(np.ascontiguousarray(arr))
+    t = arr if is_torch else torch.from_numpy(np.array(arr) if not arr.flags.writeable else np.ascontiguousarray(arr))
     if not channels_first:
         t = t.permute(2, 0, 1)
     c = t.shape[0]
