@@ -288,6 +288,7 @@ def _allowed_imports(path):
 
 
 def test_processor_save_load_round_trip(proc, tmp_path):
+    import subprocess
     import sys
 
     from transformers import AutoProcessor
@@ -310,8 +311,20 @@ def test_processor_save_load_round_trip(proc, tmp_path):
         out = loaded.apply_chat_template(msgs, tokenize=True, return_dict=True, return_tensors="pt")
         for k in ref:
             torch.testing.assert_close(out[k], ref[k])
-    remote = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
-    assert type(remote).__module__.startswith("transformers_modules")  # the copied file, not the vora package
+    # In a fresh interpreter that never imports the vora package, AutoProcessor must run the copied files.
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoProcessor\n"
+        f"p = AutoProcessor.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)\n"
+        "assert type(p).__module__.startswith('transformers_modules'), type(p).__module__\n"
+        "assert type(p.image_processor).__module__.startswith('transformers_modules')\n"
+        "assert not any(m == 'vora' or m.startswith('vora.') for m in sys.modules)\n"
+        "print(p.image_token_id)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == str(proc.image_token_id)
 
 
 # --------------------------------------------------------------------------- dataset formats
