@@ -1,0 +1,609 @@
+"""vora-merge: fold a VoRA training checkpoint's LoRA into its base LLM and write a standalone model.
+
+    vora-merge CHECKPOINT_DIR --output MERGED_DIR [--base LLM_PATH] [--dtype bfloat16]
+               [--overwrite] [--max-shard-size 5GB]
+
+For every LoRA-adapted linear layer, W ← W + s·B·A, computed in float32 and stored in the target dtype
+(s = lora_alpha / r, or lora_alpha / √r with rsLoRA; per-module rank/alpha patterns honoured).
+The base LLM is read one safetensors shard at a time and one tensor at a time, and output shards are
+streamed to disk tensor by tensor (the header is written first, from shapes known in advance), so the
+peak memory is about one input shard plus one tensor in float32, whatever the model size.
+
+The output is a `VoRAForCausalLM` checkpoint: the LLM's tensors under `language_model.` (names and shapes
+of the base architecture, no LoRA, no extra biases), the patch embedding `vision_embed.*`; no teacher,
+no distillation heads. It carries the modeling/processing code (`trust_remote_code=True` loads it
+without vora installed), the tokenizer with its chat template, the image-processor and processor
+configs and a generation config. The directory appears whole or not at all.
+
+Every mismatch is refused with a message naming the key, shape or path: adapter keys matching no base
+weight, adapter/base shape mismatches, base weights missing or unexpected, a patch embedding that
+does not fit the config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+logger = logging.getLogger("vora.merge")
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+LM_PREFIX = "language_model."
+CODE_FILES = ("configuration_vora.py", "mask.py", "modeling_vora.py", "image_processing_vora.py", "processing_vora.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_vora.VoRAConfig",
+    "AutoModelForCausalLM": "modeling_vora.VoRAForCausalLM",
+    "AutoProcessor": "processing_vora.VoRAProcessor",
+}
+
+ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+TARGET_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+MERGEABLE = (torch.float32, torch.float16, torch.bfloat16)
+ADAPTER_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+
+
+class MergeError(ValueError):
+    """The checkpoint, the base LLM or the output cannot be merged as asked; the message says why."""
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------------
+def parse_size(text: str | int) -> int:
+    """'5GB' → 5·10⁹, '500MiB' → 500·2²⁰, 1234 → 1234 bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(text), flags=re.IGNORECASE)
+    if not m:
+        raise MergeError(f"--max-shard-size: cannot parse {text!r} (use e.g. 5GB, 500MB, 2GiB)")
+    number, unit = float(m.group(1)), m.group(2).upper()
+    powers = {"": 0, "B": 0, "K": 1, "KB": 1, "KIB": 1, "M": 2, "MB": 2, "MIB": 2, "G": 3, "GB": 3, "GIB": 3, "T": 4, "TB": 4, "TIB": 4}
+    if unit not in powers:
+        raise MergeError(f"--max-shard-size: unknown unit in {text!r}")
+    base = 1024 if "I" in unit else 1000
+    size = int(number * base ** powers[unit])
+    if size < 1:
+        raise MergeError(f"--max-shard-size must be positive, got {text!r}")
+    return size
+
+
+def read_header(path: Path) -> dict:
+    """A safetensors file's header: {name: {"dtype", "shape", "data_offsets"}} (no tensor data read)."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+    except (OSError, struct.error, json.JSONDecodeError) as e:
+        raise MergeError(f"{path}: not a readable safetensors file ({e})") from e
+    header.pop("__metadata__", None)
+    return header
+
+
+def numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def to_bytes_view(t: torch.Tensor):
+    """A zero-copy byte view of a contiguous CPU tensor (any dtype, bf16 included)."""
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def write_safetensors_streaming(path: Path, entries: list[tuple[str, torch.dtype, tuple]], produce) -> int:
+    """Write a safetensors file whose tensors are produced one at a time by ``produce(name)``.
+
+    The header is computed from the (name, dtype, shape) entries and written first; each tensor's bytes
+    are written as soon as it is produced and then dropped. Returns the data size in bytes.
+    """
+    header, offset = {}, 0
+    for name, dtype, shape in entries:
+        nbytes = numel(shape) * dtype.itemsize
+        header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, dtype, shape in entries:
+            t = produce(name)
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise MergeError(f"internal: {name} produced {t.dtype} {list(t.shape)}, planned {dtype} {list(shape)}")
+            f.write(to_bytes_view(t))
+            del t
+    return offset
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------------------------
+def resolve_base(base: str) -> Path:
+    """A local directory, or a hub id resolved through the local HF cache (downloaded only when the
+    hub is reachable and HF_HUB_OFFLINE is not set)."""
+    path = Path(base).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise MergeError(f"base LLM {base} is a file, not a model directory")
+    if base.startswith((".", "/", "~")) or base.count("/") > 1:
+        raise MergeError(f"base LLM directory {base} does not exist (pass --base LLM_PATH)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]))
+    except Exception as e:  # offline, unknown repo, no access
+        raise MergeError(f"base LLM {base!r} is neither a local directory nor available from the Hugging Face cache/hub ({e}); pass --base LLM_PATH") from e
+
+
+def base_shards(base: Path) -> tuple[list[Path], dict[str, Path]]:
+    """Ordered shard files and name → file, from the index or the single file."""
+    index = base / SAFE_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise MergeError(f"{index}: no weight_map")
+        files = list(dict.fromkeys(weight_map.values()))
+        shards = [base / f for f in files]
+        for s in shards:
+            if not s.is_file():
+                raise MergeError(f"{index} names shard {s.name}, which is missing from {base}")
+        return shards, {k: base / v for k, v in weight_map.items()}
+    single = base / SAFE_SINGLE
+    if single.is_file():
+        return [single], {k: single for k in read_header(single)}
+    found = sorted(p.name for p in base.glob("*.bin")) + sorted(p.name for p in base.glob("*.pt"))
+    hint = f" (found {found[:3]}: convert them to safetensors first)" if found else ""
+    raise MergeError(f"base LLM {base}: no {SAFE_SINGLE} or {SAFE_INDEX}{hint}")
+
+
+def expected_llm_tensors(text_config):
+    """(required {name: shape}, optional names) of the LLM architecture, built on the meta device.
+
+    Optional: names that alias another parameter (tied lm_head) — stock checkpoints omit them."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(text_config)
+    state = lm.state_dict()
+    unique = {n for n, _ in lm.named_parameters()} | {n for n, _ in lm.named_buffers() if n in state}
+    required = {n: tuple(t.shape) for n, t in state.items() if n in unique}
+    aliases = {n: tuple(t.shape) for n, t in state.items() if n not in unique}
+    ignore = [re.compile(p) for p in (getattr(lm, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    return required, aliases, ignore
+
+
+def lora_scaling(cfg: dict, module: str, rank: int) -> float:
+    """peft's scaling for one module: alpha/r (alpha/√r with rsLoRA), rank_pattern/alpha_pattern aware."""
+
+    def pattern(patterns: dict, default):
+        for key, value in (patterns or {}).items():
+            if re.match(rf"(.*\.)?({key})$", module):
+                return value
+        return default
+
+    r = pattern(cfg.get("rank_pattern"), cfg["r"])
+    alpha = pattern(cfg.get("alpha_pattern"), cfg.get("lora_alpha", 8))
+    if r != rank:
+        raise MergeError(f"adapter module {module}: lora_A has rank {rank} but adapter_config.json says r={r}")
+    return alpha / (r**0.5) if cfg.get("use_rslora") else alpha / r
+
+
+def read_adapter_config(path: Path) -> dict:
+    cfg = json.loads(path.read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise MergeError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    refuse = {
+        "use_dora": "DoRA adapters",
+        "lora_bias": "LoRA biases (lora_bias=True)",
+        "modules_to_save": "modules_to_save (fully trained extra modules)",
+        "trainable_token_indices": "trainable token indices",
+        "target_parameters": "LoRA on nn.Parameter targets",
+        "layer_replication": "layer replication",
+        "use_bdlora": "block-diagonal LoRA",
+        "use_qalora": "QA-LoRA",
+        "alora_invocation_tokens": "activated LoRA",
+    }
+    for key, what in refuse.items():
+        if cfg.get(key):
+            raise MergeError(f"{path}: {key}={cfg[key]!r}: {what} cannot be folded into a stock architecture")
+    if cfg.get("bias", "none") != "none":
+        raise MergeError(f"{path}: bias={cfg['bias']!r} trains base biases, which the adapter file does not fold; only bias='none' is supported")
+    if not isinstance(cfg.get("r"), int) or cfg["r"] < 1:
+        raise MergeError(f"{path}: r={cfg.get('r')!r} is not a positive int")
+    return cfg
+
+
+def plan_adapter(adapter_file: Path, cfg: dict, base_meta: dict[str, dict]) -> dict[str, dict]:
+    """{base weight name: {"A": key, "B": key, "scale": s, "transpose": bool}}, every key and shape checked."""
+    header = read_header(adapter_file)
+    modules: dict[str, dict] = {}
+    for key, meta in header.items():
+        m = ADAPTER_KEY.match(key)
+        if not m:
+            raise MergeError(
+                f"{adapter_file}: unexpected adapter key {key!r} (only '<module>.lora_A.weight' / '.lora_B.weight' "
+                "of linear layers under 'base_model.model.' can be merged)"
+            )
+        if ST_NAMES.get(meta["dtype"]) not in MERGEABLE:
+            raise MergeError(f"{adapter_file}: {key} has dtype {meta['dtype']}, expected a float type")
+        modules.setdefault(m["module"], {})[m["ab"]] = (key, tuple(meta["shape"]))
+    plan = {}
+    fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
+    for module, parts in sorted(modules.items()):
+        if set(parts) != {"A", "B"}:
+            lacking = "lora_B" if "A" in parts else "lora_A"
+            raise MergeError(f"{adapter_file}: module {module} has no {lacking}.weight")
+        target = module + ".weight"
+        if target not in base_meta:
+            raise MergeError(f"{adapter_file}: adapter keys for {module!r} match no base weight (no {target!r} in the base LLM)")
+        (a_key, a_shape), (b_key, b_shape) = parts["A"], parts["B"]
+        w_shape = tuple(base_meta[target]["shape"])
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
+            raise MergeError(f"{adapter_file}: {module}: lora_A {list(a_shape)} and lora_B {list(b_shape)} are not a rank-r pair")
+        delta_shape = (b_shape[0], a_shape[1])
+        if fan_in_fan_out:
+            delta_shape = delta_shape[::-1]
+        if delta_shape != w_shape:
+            raise MergeError(
+                f"shape mismatch for {target}: base weight is {list(w_shape)} but the adapter's B·A is {list(delta_shape)} "
+                f"(lora_A {list(a_shape)}, lora_B {list(b_shape)}): was the checkpoint trained on another base LLM?"
+            )
+        if ST_NAMES.get(base_meta[target]["dtype"]) not in MERGEABLE:
+            raise MergeError(f"base weight {target} has dtype {base_meta[target]['dtype']}; LoRA can only be merged into float16/bfloat16/float32 weights")
+        plan[target] = {"A": a_key, "B": b_key, "scale": lora_scaling(cfg, module, a_shape[0]), "transpose": fan_in_fan_out}
+    if not plan:
+        raise MergeError(f"{adapter_file}: no LoRA weights in the adapter")
+    return plan
+
+
+# --------------------------------------------------------------------------------------------
+# the merge
+# --------------------------------------------------------------------------------------------
+def merge(
+    checkpoint: str | os.PathLike,
+    output: str | os.PathLike,
+    base: str | None = None,
+    dtype: str = "auto",
+    overwrite: bool = False,
+    max_shard_size: str | int = "5GB",
+    log=None,
+) -> dict:
+    """Merge ``checkpoint`` into a standalone model at ``output``. Returns a summary dict."""
+    from vora import checkpoint as ckpt
+    from vora.configuration_vora import VoRAConfig
+
+    log = log or logger.info
+    t0 = time.time()
+    checkpoint = Path(checkpoint).absolute()
+    output = Path(output).absolute()
+    try:
+        ckpt.require_files(checkpoint)
+    except ckpt.CheckpointError as e:
+        raise MergeError(str(e)) from e
+    if output.exists() and not overwrite:
+        raise MergeError(f"output {output} already exists (pass --overwrite to replace it)")
+    if output == checkpoint or checkpoint.is_relative_to(output) or output.is_relative_to(checkpoint):
+        raise MergeError(f"output {output} must be outside the checkpoint directory {checkpoint}")
+    shard_limit = parse_size(max_shard_size)
+
+    config = VoRAConfig.from_pretrained(str(checkpoint))
+    if config.text_config is None:
+        raise MergeError(f"{checkpoint / 'config.json'}: no text_config")
+    run = json.loads((checkpoint / ckpt.RUN_FILE).read_text()) if (checkpoint / ckpt.RUN_FILE).is_file() else {}
+    base_ref = base or run.get("base_llm")
+    if not base_ref:
+        raise MergeError(f"{checkpoint / ckpt.RUN_FILE} does not name the base LLM: pass --base LLM_PATH")
+    base_dir = resolve_base(str(base_ref)).absolute()
+    if output == base_dir or output.is_relative_to(base_dir) or base_dir.is_relative_to(output):
+        raise MergeError(f"output {output} must be outside the base LLM directory {base_dir}")
+    check_base_config(base_dir, config.text_config)
+
+    # --- what the base holds, what the architecture needs --------------------------------------
+    shards, where = base_shards(base_dir)
+    base_meta: dict[str, dict] = {}
+    for shard in shards:
+        for name, meta in read_header(shard).items():
+            if where.get(name) == shard:
+                base_meta[name] = meta
+    listed_missing = sorted(set(where) - set(base_meta))
+    if listed_missing:
+        raise MergeError(f"{base_dir / SAFE_INDEX} lists tensors absent from their shard: {listed_missing[:5]}")
+    required, aliases, ignore = expected_llm_tensors(config.text_config)
+    dropped = [n for n in base_meta if n not in required and n not in aliases and any(p.search(n) for p in ignore)]
+    for n in dropped:
+        del base_meta[n]
+    ckpt_check(
+        {**required, **aliases},
+        {n: tuple(m["shape"]) for n, m in base_meta.items()},
+        f"base LLM {base_dir} vs the checkpoint's text_config ({config.text_config.model_type})",
+        optional=set(aliases),
+    )
+    quantized = sorted({m["dtype"] for m in base_meta.values() if m["dtype"].startswith("F8")})
+    if quantized:
+        raise MergeError(f"base LLM {base_dir} stores {quantized} tensors: merge into the unquantized base")
+
+    # --- target dtype -------------------------------------------------------------------------
+    if dtype == "auto":
+        cfg_dtype = getattr(config.text_config, "dtype", None) or getattr(config.text_config, "torch_dtype", None)
+        if isinstance(cfg_dtype, torch.dtype):
+            cfg_dtype = str(cfg_dtype).removeprefix("torch.")
+        if cfg_dtype not in TARGET_DTYPES:
+            counts = Counter(m["dtype"] for m in base_meta.values() if ST_NAMES.get(m["dtype"]) in MERGEABLE)
+            cfg_dtype = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[counts.most_common(1)[0][0]] if counts else "bfloat16"
+        dtype = cfg_dtype
+    if dtype not in TARGET_DTYPES:
+        raise MergeError(f"--dtype {dtype!r}: use one of auto, {', '.join(TARGET_DTYPES)}")
+    target = TARGET_DTYPES[dtype]
+
+    # --- adapter and patch embedding ----------------------------------------------------------
+    adapter_cfg = read_adapter_config(checkpoint / ckpt.ADAPTER_CONFIG)
+    adapter_file = checkpoint / ckpt.ADAPTER_WEIGHTS
+    lora_plan = plan_adapter(adapter_file, adapter_cfg, base_meta)
+    vision = load_patch_embedding(checkpoint, config)
+
+    # --- output plan: base tensors in file order, then the patch embedding ---------------------
+    order: list[tuple[str, Path]] = []
+    for shard in shards:
+        header = read_header(shard)
+        names = [n for n in header if n in base_meta and where[n] == shard]
+        names.sort(key=lambda n: header[n]["data_offsets"][0])
+        order += [(n, shard) for n in names]
+
+    def out_dtype(src: str) -> torch.dtype:
+        d = ST_NAMES[src]
+        return target if d.is_floating_point else d
+
+    entries = [(LM_PREFIX + n, out_dtype(base_meta[n]["dtype"]), tuple(base_meta[n]["shape"])) for n, _ in order]
+    entries += [(ckpt.VISION_PREFIX + n, target, tuple(t.shape)) for n, t in vision.items()]
+    groups, current, size = [], [], 0
+    for e in entries:
+        nbytes = numel(e[2]) * e[1].itemsize
+        if current and size + nbytes > shard_limit:
+            groups.append(current)
+            current, size = [], 0
+        current.append(e)
+        size += nbytes
+    groups.append(current)
+    n_shards = len(groups)
+    source = {LM_PREFIX + n: s for n, s in order}
+    log(
+        f"merging {checkpoint} into {base_dir} → {output}: {len(lora_plan)} LoRA-adapted weights, "
+        f"{len(entries)} tensors, {n_shards} output shard(s), dtype {dtype}"
+    )
+
+    # --- stream -------------------------------------------------------------------------------
+    state = {"file": None, "handle": None}
+
+    def base_tensor(name: str) -> torch.Tensor:
+        shard = source[name]
+        if state["file"] != shard:
+            state["handle"] = None  # close the previous shard before opening the next
+            state["handle"] = safe_open(str(shard), framework="pt")
+            state["file"] = shard
+        return state["handle"].get_tensor(name[len(LM_PREFIX):])
+
+    with safe_open(str(adapter_file), framework="pt") as adapter, ckpt.atomic_directory(output, overwrite=overwrite) as tmp:
+
+        def produce(name: str) -> torch.Tensor:
+            if name.startswith(ckpt.VISION_PREFIX):
+                return vision[name[len(ckpt.VISION_PREFIX):]].to(target)
+            w = base_tensor(name)
+            lora = lora_plan.get(name[len(LM_PREFIX):])
+            if lora is None:
+                return w.to(target) if w.is_floating_point() else w
+            a = adapter.get_tensor(lora["A"]).float()
+            b = adapter.get_tensor(lora["B"]).float()
+            w32 = w.float() if w.dtype != torch.float32 else w.clone()
+            del w
+            if lora["transpose"]:
+                w32.addmm_(a.t(), b.t(), alpha=lora["scale"])
+            else:
+                w32.addmm_(b, a, alpha=lora["scale"])
+            return w32.to(target)
+
+        weight_map, total = {}, 0
+        for i, group in enumerate(groups):
+            fname = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+            total += write_safetensors_streaming(tmp / fname, group, produce)
+            weight_map.update({name: fname for name, _, _ in group})
+            log(f"  wrote {fname} ({len(group)} tensors)")
+        state["handle"] = None
+        n_params = sum(numel(s) for _, _, s in entries)
+        (tmp / SAFE_INDEX).write_text(
+            json.dumps({"metadata": {"total_size": total, "total_parameters": n_params}, "weight_map": weight_map}, indent=2) + "\n"
+        )
+        write_support_files(tmp, checkpoint, base_dir, config, target, run)
+    summary = {
+        "output": str(output), "base": str(base_dir), "dtype": dtype, "shards": n_shards, "tensors": len(entries),
+        "lora_weights": len(lora_plan), "parameters": n_params, "bytes": total, "seconds": round(time.time() - t0, 2),
+    }
+    log(f"done in {summary['seconds']} s: {n_params:,} parameters, {total / 1e9:.2f} GB")
+    return summary
+
+
+def ckpt_check(expected, got, what, optional=frozenset()):
+    from vora.checkpoint import CheckpointError, check_state_dict
+
+    try:
+        check_state_dict(expected, got, what, optional=optional)
+    except CheckpointError as e:
+        raise MergeError(str(e)) from e
+
+
+def check_base_config(base_dir: Path, text_config) -> None:
+    """The base's config.json must describe the architecture the checkpoint was trained on."""
+    path = base_dir / "config.json"
+    if not path.is_file():
+        raise MergeError(f"base LLM {base_dir} has no config.json")
+    base_cfg = json.loads(path.read_text())
+    fields = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+    for f in fields:
+        a, b = base_cfg.get(f), getattr(text_config, f, None)
+        if a is not None and b is not None and a != b:
+            raise MergeError(f"base LLM {path}: {f}={a!r} but the checkpoint's text_config has {f}={b!r}: wrong base LLM?")
+
+
+def load_patch_embedding(checkpoint: Path, config) -> dict[str, torch.Tensor]:
+    """``vision_embed.*`` from vora_trainable.safetensors (prefix stripped), checked against the config;
+    ``distill_heads.*`` dropped."""
+    from safetensors.torch import load_file
+
+    from vora import checkpoint as ckpt
+    from vora.modeling_vora import VoRAPatchEmbed
+
+    path = checkpoint / ckpt.TRAINABLE_WEIGHTS
+    try:
+        vision, _heads = ckpt.split_trainable(load_file(str(path)), str(path))
+    except ckpt.CheckpointError as e:
+        raise MergeError(str(e)) from e
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in VoRAPatchEmbed(config).state_dict().items()}
+    ckpt_check(expected, {k: tuple(v.shape) for k, v in vision.items()}, f"{path} (patch embedding vs config.json)")
+    return vision
+
+
+def write_support_files(tmp: Path, checkpoint: Path, base_dir: Path, config, target: torch.dtype, run: dict) -> None:
+    """config.json (auto_map), the vora code files, processor/tokenizer/image-processor files, generation config."""
+    import copy
+
+    import vora
+    from transformers import GenerationConfig
+
+    config = copy.deepcopy(config)
+    dtype_name = str(target).removeprefix("torch.")
+    config.auto_map = dict(AUTO_MAP)
+    config.architectures = ["VoRAForCausalLM"]
+    config.dtype = dtype_name
+    config.text_config.dtype = dtype_name
+    config.save_pretrained(str(tmp))
+
+    processor = build_processor(checkpoint, base_dir, config)
+    processor.save_pretrained(str(tmp))
+    processor.image_processor.save_pretrained(str(tmp))  # preprocessor_config.json for AutoImageProcessor
+    package = Path(vora.__file__).parent
+    for name in CODE_FILES:
+        src = package / name
+        text = src.read_text()
+        if re.search(r"^\s*(from|import)\s+vora\b", text, flags=re.MULTILINE):
+            raise MergeError(f"{src} imports the vora package absolutely; remote code must use relative imports")
+        shutil.copyfile(src, tmp / name)
+
+    gen_src = next((d for d in (checkpoint, base_dir) if (d / "generation_config.json").is_file()), None)
+    gen = GenerationConfig.from_pretrained(str(gen_src)) if gen_src else GenerationConfig.from_model_config(config)
+    tok = processor.tokenizer
+    eos = gen.eos_token_id if gen.eos_token_id is not None else config.eos_token_id
+    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    if tok.eos_token_id is not None and tok.eos_token_id not in eos:
+        eos.append(tok.eos_token_id)
+    gen.eos_token_id = eos[0] if len(eos) == 1 else (eos or None)
+    if gen.pad_token_id is None:
+        gen.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else None)
+    if gen.bos_token_id is None:
+        gen.bos_token_id = config.bos_token_id
+    # The model never learns to emit <image> (its labels are always -100), but if sampling drew it, the
+    # next step would carry an image placeholder without an image. Never generate it.
+    suppress = list(gen.suppress_tokens or [])
+    if config.image_token_id not in suppress:
+        suppress.append(config.image_token_id)
+    gen.suppress_tokens = suppress
+    gen.save_pretrained(str(tmp))
+    if run:
+        (tmp / "vora_run.json").write_text(json.dumps(run, indent=2, default=str) + "\n")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer(directory: Path) -> bool:
+    return any((directory / f).is_file() for f in TOKENIZER_FILES)
+
+
+def build_processor(checkpoint: Path, base_dir: Path, config):
+    """The checkpoint's processor if it saved one, else the base tokenizer + an image processor from the
+    config. Its '<image>' id and patch size must agree with the config."""
+    from transformers import AutoTokenizer
+
+    from vora.image_processing_vora import VoRAImageProcessor
+    from vora.processing_vora import CHATML_TEMPLATE, VoRAProcessor
+
+    if has_tokenizer(checkpoint):
+        processor = VoRAProcessor.from_pretrained(str(checkpoint))
+        source = checkpoint
+    else:
+        if not has_tokenizer(base_dir):
+            raise MergeError(
+                f"no tokenizer in the checkpoint {checkpoint} nor in the base LLM {base_dir} "
+                f"(expected one of {', '.join(TOKENIZER_FILES)}): save the processor with the checkpoint"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+        ip = VoRAImageProcessor(patch_size=config.patch_size, min_pixels=config.min_pixels, max_pixels=config.max_pixels)
+        processor = VoRAProcessor(image_processor=ip, tokenizer=tokenizer)
+        source = base_dir
+    if processor.image_token_id != config.image_token_id:
+        raise MergeError(
+            f"the tokenizer from {source} maps {processor.image_token!r} to id {processor.image_token_id} but "
+            f"config.json has image_token_id={config.image_token_id}"
+        )
+    if processor.image_processor.patch_size != config.patch_size:
+        raise MergeError(
+            f"the image processor from {source} has patch_size={processor.image_processor.patch_size} but "
+            f"config.json has patch_size={config.patch_size}"
+        )
+    if processor._template_source() == "fallback":
+        processor.chat_template = CHATML_TEMPLATE  # save the template the processor uses, explicitly
+    return processor
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vora-merge",
+        description="Fold a VoRA training checkpoint's LoRA into its base LLM and write a standalone model "
+        "(loadable with AutoModelForCausalLM/AutoProcessor, trust_remote_code=True).",
+    )
+    p.add_argument("checkpoint", help="training checkpoint directory (adapter_model.safetensors, vora_trainable.safetensors, config.json, vora_run.json)")
+    p.add_argument("--output", "-o", required=True, help="directory to create for the merged model")
+    p.add_argument("--base", help="base LLM directory or hub id (default: base_llm from the checkpoint's vora_run.json)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *TARGET_DTYPES], help="stored dtype (default: the base's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        summary = merge(args.checkpoint, args.output, base=args.base, dtype=args.dtype, overwrite=args.overwrite,
+                        max_shard_size=args.max_shard_size, log=lambda m: print(m, flush=True))
+    except (MergeError, FileExistsError) as e:
+        raise SystemExit(f"vora-merge: error: {e}") from None
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Training checkpoints: what a VoRA run saves, and how to load it back (strictly).
+
+A checkpoint directory (see DEVELOPERS.md) holds
+
+- ``adapter_model.safetensors`` + ``adapter_config.json``: peft's own format for the LoRA of
+  ``model.language_model`` (``PeftModel.save_pretrained``);
+- ``vora_trainable.safetensors``: the patch embedding ``vision_embed.*`` and the distillation heads
+  ``distill_heads.*`` (the merge drops the heads);
+- ``config.json``: the :class:`VoRAConfig` (``text_config`` nested);
+- ``vora_run.json``: ``{"base_llm": ..., "teacher": ..., "recipe": {...}}``;
+- the processor's files (tokenizer, chat template, image-processor config) when a processor is given.
+
+The base LLM's weights are never copied: ``vora_run.json`` says where they are.
+
+:func:`save_trainable` writes a new directory atomically (temp directory next to it, then rename).
+:func:`write_trainable` writes the same files into an existing directory (e.g. the ``checkpoint-N``
+directory HF Trainer has just created with its optimizer state).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+TRAINABLE_WEIGHTS = "vora_trainable.safetensors"
+CONFIG = "config.json"
+RUN_FILE = "vora_run.json"
+VISION_PREFIX = "vision_embed."
+HEADS_PREFIX = "distill_heads."
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as it is (missing file, wrong keys or shapes)."""
+
+
+# --------------------------------------------------------------------------------------------
+# atomic directories
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_directory(final: str | os.PathLike, overwrite: bool = False):
+    """Yield a fresh temporary directory next to ``final``; on success it becomes ``final`` with one
+    rename, on any failure (exceptions, Ctrl-C) it is removed. ``final`` is never seen half-written.
+
+    With ``overwrite`` an existing ``final`` is moved aside, replaced, then deleted; without it an
+    existing ``final`` is an error (raised before any work is done).
+    """
+    final = Path(final).absolute()
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} already exists (pass overwrite=True / --overwrite to replace it)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            if not overwrite:
+                raise FileExistsError(f"{final} appeared while writing; not replacing it without overwrite")
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            os.replace(final, old / "x")
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# saving
+# --------------------------------------------------------------------------------------------
+def trainable_state_dict(model, heads=None) -> dict[str, torch.Tensor]:
+    """The non-LoRA trainables: ``vision_embed.*`` and ``distill_heads.*`` (from ``model.distill_heads``
+    or the ``heads`` module given), detached, contiguous, on CPU."""
+    out = {}
+    for name, tensor in model.vision_embed.state_dict().items():
+        out[VISION_PREFIX + name] = tensor
+    heads = heads if heads is not None else getattr(model, "distill_heads", None)
+    if heads is not None:
+        for name, tensor in heads.state_dict().items():
+            out[HEADS_PREFIX + name] = tensor
+    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def write_trainable(
+    model,
+    directory: str | os.PathLike,
+    *,
+    base_llm: str,
+    teacher=None,
+    recipe: dict | None = None,
+    processor=None,
+    heads=None,
+    trainable: dict[str, torch.Tensor] | None = None,
+    adapter_state_dict: dict | None = None,
+) -> Path:
+    """Write the checkpoint files into ``directory`` (created if needed, files replaced).
+
+    ``model``: a :class:`VoRAForCausalLM` whose ``language_model`` is a peft model (``vora.lora.add_lora``).
+    ``trainable`` / ``adapter_state_dict``: pass gathered state dicts when parameters are partitioned
+    (ZeRO-3); by default they are read from the model.
+    """
+    from peft import PeftModel
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lm = model.language_model
+    if not isinstance(lm, PeftModel):
+        raise CheckpointError("write_trainable: model.language_model has no LoRA adapter (call vora.lora.add_lora first)")
+    kwargs = {} if adapter_state_dict is None else {"state_dict": adapter_state_dict}
+    lm.save_pretrained(str(directory), safe_serialization=True, **kwargs)
+    tensors = trainable if trainable is not None else trainable_state_dict(model, heads)
+    bad = [k for k in tensors if not k.startswith((VISION_PREFIX, HEADS_PREFIX))]
+    if bad:
+        raise CheckpointError(f"write_trainable: unexpected trainable keys {bad[:5]} (only {VISION_PREFIX}* and {HEADS_PREFIX}*)")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / TRAINABLE_WEIGHTS), metadata={"format": "pt"})
+    model.config.save_pretrained(str(directory))
+    run = {"base_llm": str(base_llm), "teacher": teacher, "recipe": recipe or {}}
+    (directory / RUN_FILE).write_text(json.dumps(run, indent=2, default=str) + "\n")
+    if processor is not None:
+        processor.save_pretrained(str(directory))
+    return directory
+
+
+def save_trainable(model, directory: str | os.PathLike, *, overwrite: bool = False, **kwargs) -> Path:
+    """:func:`write_trainable` into a new directory that appears whole or not at all."""
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        write_trainable(model, tmp, **kwargs)
+    return Path(directory)
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------
+def read_run(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / RUN_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the checkpoint does not say which base LLM it was trained on")
+    run = json.loads(path.read_text())
+    if not run.get("base_llm"):
+        raise CheckpointError(f"{path}: no 'base_llm' entry")
+    return run
+
+
+def require_files(directory: str | os.PathLike, names=(ADAPTER_WEIGHTS, ADAPTER_CONFIG, TRAINABLE_WEIGHTS, CONFIG)) -> Path:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    missing = [n for n in names if not (directory / n).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {directory} lacks {', '.join(missing)} (is it a vora training checkpoint?)")
+    return directory
+
+
+def split_trainable(tensors: dict[str, torch.Tensor], source="vora_trainable.safetensors"):
+    """``(vision_embed state dict, distill_heads state dict)`` with prefixes stripped; other keys refused."""
+    vision, heads, bad = {}, {}, []
+    for k, v in tensors.items():
+        if k.startswith(VISION_PREFIX):
+            vision[k[len(VISION_PREFIX):]] = v
+        elif k.startswith(HEADS_PREFIX):
+            heads[k[len(HEADS_PREFIX):]] = v
+        else:
+            bad.append(k)
+    if bad:
+        raise CheckpointError(f"{source}: unexpected keys {sorted(bad)[:5]} (expected only {VISION_PREFIX}* and {HEADS_PREFIX}*)")
+    return vision, heads
+
+
+def check_state_dict(expected: dict[str, tuple], got: dict[str, tuple], what: str, optional=frozenset()) -> None:
+    """Refuse missing, unexpected or mis-shaped keys (``{name: shape}`` on both sides)."""
+    missing = sorted(set(expected) - set(got) - set(optional))
+    unexpected = sorted(set(got) - set(expected))
+    shapes = [(k, tuple(got[k]), tuple(expected[k])) for k in sorted(set(expected) & set(got)) if tuple(got[k]) != tuple(expected[k])]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {missing[:6]}{' …' if len(missing) > 6 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected[:6]}{' …' if len(unexpected) > 6 else ''}")
+    for k, g, e in shapes[:6]:
+        problems.append(f"shape mismatch for {k}: checkpoint has {list(g)}, model expects {list(e)}")
+    if problems:
+        raise CheckpointError(f"{what}: " + "; ".join(problems))
+
+
+def load_trainable(
+    directory: str | os.PathLike,
+    *,
+    base: str | None = None,
+    dtype=None,
+    attn_implementation: str | None = None,
+    is_trainable: bool = False,
+):
+    """Rebuild the unmerged training model from a checkpoint: base LLM (``base`` or ``vora_run.json``'s
+    ``base_llm``) + peft LoRA + patch embedding, every key checked (no ``strict=False``).
+
+    Returns ``(model, heads_state_dict)``; the heads' state dict is for training to restore.
+    """
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from .configuration_vora import VoRAConfig
+    from .modeling_vora import VoRAForCausalLM
+
+    directory = require_files(directory)
+    base = base or read_run(directory)["base_llm"]
+    config = VoRAConfig.from_pretrained(str(directory))
+    kwargs = {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    llm = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    impl = llm.config._attn_implementation
+    config.text_config = llm.config
+    model = VoRAForCausalLM(config, language_model=llm)
+    model.set_attn_implementation(impl)
+
+    vision, heads = split_trainable(load_file(str(directory / TRAINABLE_WEIGHTS)))
+    expected = {k: tuple(v.shape) for k, v in model.vision_embed.state_dict().items()}
+    check_state_dict(expected, {k: tuple(v.shape) for k, v in vision.items()}, f"{directory / TRAINABLE_WEIGHTS} (patch embedding)")
+    model.vision_embed.load_state_dict(vision, strict=True)
+    model.vision_embed.to(llm.dtype)
+
+    lora_cfg = LoraConfig.from_pretrained(str(directory))
+    lora_cfg.inference_mode = not is_trainable
+    model.language_model = get_peft_model(llm, lora_cfg)
+    adapter = load_file(str(directory / ADAPTER_WEIGHTS))
+    result = set_peft_model_state_dict(model.language_model, adapter)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    missing = [k for k in (getattr(result, "missing_keys", []) or []) if "lora_" in k]
+    if unexpected or missing:
+        raise CheckpointError(
+            f"{directory / ADAPTER_WEIGHTS}: adapter does not fit {base}: "
+            f"unexpected {unexpected[:5]}, missing {missing[:5]}"
+        )
+    if not is_trainable:
+        model.eval()
+    return model, heads
