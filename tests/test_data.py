@@ -224,6 +224,27 @@ def test_label_mask_multi_turn(tok_dir, template):
         assert "<|im_start|>" in proc.tokenizer.get_vocab()
 
 
+def test_template_fallback_and_errors(proc):
+    msgs = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi."},
+            {"role": "user", "content": "How are you?"}, {"role": "assistant", "content": "I am fine."}]
+    # Not prefix-stable: a footer only at the end of a finished conversation. Spans are found by content search.
+    footer = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% else %}<|endoftext|>{% endif %}"
+    )
+    enc = proc.encode_conversation(msgs, chat_template=footer)
+    lab = enc["labels"]
+    assert proc.tokenizer.decode(lab[lab != IGNORE_INDEX]) == "Hi.<|im_end|>I am fine.<|im_end|>"
+    # A template that raises (roles must alternate) → template_error, not a crash.
+    strict = (
+        "{% for m in messages %}{% if loop.index0 % 2 == 0 and m['role'] != 'user' %}"
+        "{{ raise_exception('roles must alternate') }}{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    with pytest.raises(VoRASampleError) as e:
+        proc.encode_conversation([msgs[0], msgs[0], msgs[1]], chat_template=strict)
+    assert e.value.reason == "template_error" and "alternate" in str(e.value)
+
+
 def test_image_placement(proc):
     img = make_image(28, 28)
     # No placeholder: images go before the first user turn's text.

@@ -571,7 +571,10 @@ class VoRADataset(torch.utils.data.Dataset):
             msgs, images = record_to_conversation(
                 rec, src.image_column if src.kind == "table" else src.spec.image_column, src.image_root)
             enc = self.processor.encode_conversation(msgs, images, max_length=self.max_length)
-        except VoRASampleError as e:
+        except ValueError as e:
+            # Duck-typed: a processor loaded from a checkpoint's copied files raises its own VoRASampleError class.
+            if not hasattr(e, "reason"):
+                raise
             if self.on_bad_sample == "error":
                 raise ValueError(f"{where}: {e.reason}: {e}") from e
             self.stats.add(e.reason if e.reason in SKIP_REASONS else "bad_conversation", where, str(e))

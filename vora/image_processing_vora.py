@@ -199,22 +199,21 @@ class VoRAImageProcessor(BaseImageProcessor):
         return gh * gw
 
     # ------------------------------------------------------------- processing
-    def _resize_to_tensor(self, image: Any) -> torch.Tensor:
-        """One image → resized float tensor [3, H, W] in [0, 1]."""
+    def _resize_hwc(self, image: Any) -> tuple[torch.Tensor, bool]:
+        """One image → (resized tensor [H, W, 3], is_uint8). uint8 data stays 0..255; float data is in [0, 1]."""
         t, pil = _to_chw_float(image)
         if pil is not None:
             w0, h0 = pil.size
             h, w = self.get_resize_size(h0, w0)
             if (h, w) != (h0, w0):
                 pil = pil.resize((w, h), resample=Image.Resampling.BICUBIC)
-            arr = np.asarray(pil, dtype=np.uint8)
-            return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+            return torch.from_numpy(np.array(pil, dtype=np.uint8)), True
         h0, w0 = t.shape[-2:]
         h, w = self.get_resize_size(h0, w0)
         if (h, w) != (h0, w0):
             t = F.interpolate(t[None], size=(h, w), mode="bicubic", align_corners=False, antialias=True)[0]
             t = t.clamp_(0.0, 1.0)
-        return t
+        return t.permute(1, 2, 0), False
 
     def patchify(self, image: torch.Tensor) -> torch.Tensor:
         """Normalised [3, H, W] → [gh*gw, 3*p*p] (channel, row, col inside a patch; patches row-major)."""
@@ -244,9 +243,17 @@ class VoRAImageProcessor(BaseImageProcessor):
 
     def process_one(self, image: Any) -> tuple[torch.Tensor, tuple[int, int]]:
         """One image → (patches ``[gh*gw, 3*p*p]``, (gh, gw))."""
-        t = self.normalize_tensor(self._resize_to_tensor(image))
+        x, is_uint8 = self._resize_hwc(image)
+        std = torch.tensor(self.image_std, dtype=torch.float32)
+        mean = torch.tensor(self.image_mean, dtype=torch.float32)
+        # (x / 255 - mean) / std as one multiply-add on the contiguous HWC layout (channels last → broadcast).
+        scale = 1.0 / (std * 255.0) if is_uint8 else 1.0 / std
+        x = torch.addcmul(-mean / std, x.float(), scale)
         p = self.patch_size
-        return self.patchify(t), (t.shape[1] // p, t.shape[2] // p)
+        h, w, _ = x.shape
+        gh, gw = h // p, w // p
+        pv = x.reshape(gh, p, gw, p, 3).permute(0, 2, 4, 1, 3).reshape(gh * gw, 3 * p * p)
+        return pv, (gh, gw)
 
     def preprocess(self, images: Any, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
         if kwargs:

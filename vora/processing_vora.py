@@ -456,7 +456,7 @@ class VoRAProcessor(ProcessorMixin):
         return {
             "input_ids": torch.tensor(out_ids, dtype=torch.long),
             "labels": torch.tensor(out_lab, dtype=torch.long),
-            "pixel_values": torch.cat(pv_list, 0) if pv_list else torch.zeros(0, dim),
+            "pixel_values": (pv_list[0] if len(pv_list) == 1 else torch.cat(pv_list, 0)) if pv_list else torch.zeros(0, dim),
             "image_grid_hw": torch.tensor(grids, dtype=torch.long).reshape(-1, 2),
             "counts": {"truncated": truncated},
         }
@@ -465,14 +465,20 @@ class VoRAProcessor(ProcessorMixin):
         """Render the conversation and find, by incremental prefix rendering, the character span of every
         assistant turn (``[start of content, end of turn)``, trailing whitespace excluded) and the end of each
         assistant turn in the full text."""
-        full = self.render(msgs, chat_template=chat_template)
+        def render(ms, gen=False):
+            try:
+                return self.render(ms, add_generation_prompt=gen, chat_template=chat_template)
+            except Exception as e:  # jinja raise_exception(...) in templates, e.g. roles that must alternate
+                raise VoRASampleError("template_error", f"chat template failed: {type(e).__name__}: {e}") from e
+
+        full = render(msgs)
         spans, ends = [], []
         search_from = 0
         for i, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
-            prefix = self.render(msgs[:i], add_generation_prompt=True, chat_template=chat_template)
-            upto = self.render(msgs[: i + 1], chat_template=chat_template)
+            prefix = render(msgs[:i], gen=True)
+            upto = render(msgs[: i + 1])
             if full.startswith(upto) and upto.startswith(prefix) and len(prefix) >= search_from:
                 start, end_turn = len(prefix), len(upto)
             else:
@@ -483,17 +489,23 @@ class VoRAProcessor(ProcessorMixin):
                         "template_error", f"cannot locate assistant turn {i} in the rendered conversation"
                     )
                 end_turn = start + len(m["content"])
-                eot = self._end_of_turn_string()
+                eot = self._end_of_turn_string(chat_template)
                 if eot and full.startswith(eot, end_turn):
                     end_turn += len(eot)
-            end = start + len(full[start:end_turn].rstrip())
+            # The labelled span ends with the end-of-turn token (text the template adds after it, such as a
+            # newline or an end-of-conversation footer, is not something the model generates); templates without
+            # a known end-of-turn string keep the whole turn up to its trailing whitespace.
+            seg = full[start:end_turn]
+            eot = self._end_of_turn_string(chat_template)
+            cut = seg.find(eot, len(m["content"]) if seg.startswith(m["content"]) else 0) if eot else -1
+            end = start + (cut + len(eot) if cut >= 0 else len(seg.rstrip()))
             spans.append((start, end))
             ends.append(end_turn)
             search_from = end_turn
         return full, spans, ends
 
-    def _end_of_turn_string(self) -> str | None:
-        tmpl = self.get_chat_template()
+    def _end_of_turn_string(self, chat_template: str | None = None) -> str | None:
+        tmpl = self.get_chat_template(chat_template)
         for cand in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
             if cand in tmpl:
                 return cand
