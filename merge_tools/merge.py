@@ -570,6 +570,9 @@ def build_processor(checkpoint: Path, base_dir: Path, config):
             f"the image processor from {source} has patch_size={processor.image_processor.patch_size} but "
             f"config.json has patch_size={config.patch_size}"
         )
+    # A merged model is for generation: batches are padded on the left (right padding breaks generate()).
+    processor.tokenizer.padding_side = "left"
+    processor.tokenizer.init_kwargs["padding_side"] = "left"
     if processor._template_source() == "fallback":
         processor.chat_template = CHATML_TEMPLATE  # save the template the processor uses, explicitly
     return processor
