@@ -109,12 +109,12 @@ class BadSampleCounter:
             self._arr = arr
         self._logged = {}
 
-    def add(self, reason: str, where: str = "", detail: str = "") -> None:
+    def add(self, reason: str, where: str = "", detail: str = "", n: int = 1) -> None:
         idx = _SLOTS.index(reason) if reason in _SLOTS else None
         if idx is None:
             raise KeyError(f"unknown bad-sample reason {reason!r}")
         with self._arr.get_lock():
-            self._arr[idx] += 1
+            self._arr[idx] += n
         if reason == "ok":
             return
         n = self._logged.get(reason, 0) + 1
@@ -336,11 +336,14 @@ class _Source:
     def __len__(self) -> int:
         return len(self.table)
 
-    def get(self, row: int) -> tuple[dict | None, str]:
+    def loc(self, line: int) -> str:
+        """``file:line`` for JSONL, ``file[index]`` for a JSON list."""
+        return f"{self.path}[{line}]" if self._is_list() else f"{self.path}:{line}"
+
+    def get(self, row: int) -> tuple[dict, str]:
         r = self.table[row]
         if self.kind == "json":
-            where = f"{self.path}:{r['line']}" if not self._is_list() else f"{self.path}[{r['line']}]"
-            return json.loads(r["raw"]), where
+            return json.loads(r["raw"]), self.loc(r["line"])
         return r, f"{self.path} row {row}"
 
     def _is_list(self) -> bool:
@@ -528,16 +531,15 @@ class VoRADataset(torch.utils.data.Dataset):
             self._sizes.append(int(round(src.spec.weight * len(src))))
             if src.n_bad_lines:
                 first_line, first_err = src.bad_lines[0]
-                loc = f"{src.path}:{first_line}" if src.fmt == "jsonl" or not src._is_list() else f"{src.path}[{first_line}]"
                 if on_bad_sample == "error":
-                    raise ValueError(f"{loc}: malformed_json: {first_err} ({src.n_bad_lines} bad lines in this file)")
+                    raise ValueError(f"{src.loc(first_line)}: malformed_json: {first_err} "
+                                     f"({src.n_bad_lines} bad lines in this file)")
                 for line, err in src.bad_lines:
-                    loc = f"{src.path}:{line}" if not src._is_list() else f"{src.path}[{line}]"
-                    self.stats.add("malformed_json", loc, err)
-                # Lines beyond the first 1000 recorded are counted without a location.
-                for _ in range(src.n_bad_lines - len(src.bad_lines)):
-                    with self.stats._arr.get_lock():
-                        self.stats._arr[_SLOTS.index("malformed_json")] += 1
+                    self.stats.add("malformed_json", src.loc(line), err)
+                # Lines beyond the first 1000 recorded in the cache's side file are counted without a location.
+                extra = src.n_bad_lines - len(src.bad_lines)
+                if extra > 0:
+                    self.stats.add("malformed_json", src.path, f"{extra} further malformed lines", n=extra)
         self._cum = [0]
         for n in self._sizes:
             self._cum.append(self._cum[-1] + n)
