@@ -177,3 +177,13 @@ def test_patch_embed_init_from_teacher(dirs, tmp_path):
     wrong = VoRAForCausalLM.from_llm(dirs["llm"], image_token_id=IMAGE_TOKEN_ID, patch_size=4, vision_embed_dim=16, position_grid=4)
     with pytest.raises(ValueError, match="does not fit"):
         init_patch_embed_from_teacher(wrong.vision_embed, teacher)
+
+
+def test_batch_without_label_tokens_gives_zero_not_nan(dirs):
+    """The collator turns an all-skipped micro-batch into one pad row without labels: loss 0, finite grads."""
+    model = build(dirs).train()
+    input_ids = torch.zeros(1, 1, dtype=torch.long)
+    out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=torch.full_like(input_ids, -100))
+    out.loss.backward()
+    assert float(out.loss) == 0.0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

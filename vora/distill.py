@@ -159,7 +159,8 @@ class Teacher(nn.Module):
             x = (x * std + mean).clamp(0, 1)
             images.append(F.interpolate(x[None], size=self.image_size, mode="bicubic", align_corners=False, antialias=True))
             offset += n
-        feats = self(torch.cat(images).clamp(0, 1))
+        # self.forward, not self(...): DeepSpeed ZeRO-3's module hooks reject dict outputs with int keys.
+        feats = self.forward(torch.cat(images).clamp(0, 1))
         out = {}
         for b, f in feats.items():
             parts = []
@@ -327,10 +328,26 @@ class VoRAForTraining(nn.Module):
                 def hook(_module, _args, output, s=s):
                     captured[s] = output[0] if isinstance(output, tuple) else output
                 hooks.append(layers[s - 1].register_forward_hook(hook))
+        if has_images:
+            vora_inputs = dict(input_ids=input_ids, pixel_values=pixel_values, image_grid_hw=image_grid_hw)
+        else:
+            # Dummy 1×1 image through the patch embedding at the point real images enter (after the token
+            # embedding, before the first block), weight 0: every rank runs the same modules in the same order,
+            # forward and backward — DeepSpeed ZeRO gathers parameters / reduces gradients in that order.
+            pixel_values = torch.zeros(1, 3 * p * p, device=input_ids.device, dtype=self.vora.dtype)
+            image_grid_hw = torch.ones(1, 2, dtype=torch.long, device=input_ids.device)
+            embeds, _ = self.vora.embed_inputs(input_ids)
+            dummy = self.vora.vision_embed(pixel_values, image_grid_hw)
+            vora_inputs = dict(inputs_embeds=embeds + 0.0 * dummy.sum().to(embeds.dtype))
+        if labels is not None:
+            # Sum over label tokens / their count, with the count clamped at 1: identical to the mean,
+            # but a micro-batch whose samples were all skipped (no label tokens) gives 0, not NaN.
+            if num_items_in_batch is None:
+                num_items_in_batch = (labels[:, 1:] != -100).sum()
+            num_items_in_batch = torch.as_tensor(num_items_in_batch, device=labels.device).clamp(min=1)
         try:
             out = self.vora(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
-                pixel_values=pixel_values if has_images else None, image_grid_hw=image_grid_hw if has_images else None,
+                **vora_inputs, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
                 use_cache=False, num_items_in_batch=num_items_in_batch, logits_to_keep=0,
             )
         finally:
@@ -344,13 +361,10 @@ class VoRAForTraining(nn.Module):
             image_pos = (input_ids == cfg.image_token_id).flatten().nonzero().squeeze(1)
             live = 1.0
         else:
-            # Dummy 1×1 image so the patch embedding, teacher and heads run on every rank (weight 0).
-            pixel_values = torch.zeros(1, 3 * p * p, device=input_ids.device, dtype=self.vora.dtype)
-            image_grid_hw = torch.ones(1, 2, dtype=torch.long, device=input_ids.device)
+            # The dummy image also feeds the teacher and heads (weight 0), so they run on every rank too.
             grid = [(1, 1)]
             image_pos = torch.zeros(1, dtype=torch.long, device=input_ids.device)
             live = 0.0
-            zero = zero + 0.0 * self.vora.vision_embed(pixel_values, image_grid_hw).sum()
 
         if self.teacher is None:
             return VoRALoss(lm_loss + zero, lm_loss.detach(), zero.detach(), zero.new_zeros(0))
