@@ -5,9 +5,10 @@
 
 For every LoRA-adapted linear layer, W ← W + s·B·A, computed in float32 and stored in the target dtype
 (s = lora_alpha / r, or lora_alpha / √r with rsLoRA; per-module rank/alpha patterns honoured).
-The base LLM is read one safetensors shard at a time and one tensor at a time, and output shards are
-streamed to disk tensor by tensor (the header is written first, from shapes known in advance), so the
-peak memory is about one input shard plus one tensor in float32, whatever the model size.
+The base LLM is read shard by shard, one tensor at a time (each through a short-lived `safe_open`), and
+output shards are streamed to disk tensor by tensor (the header is written first, from shapes known in
+advance), so the peak memory is about the largest tensor (plus its float32 copy when LoRA-adapted),
+whatever the model or shard size; the adapter is read per module too.
 
 The output is a `VoRAForCausalLM` checkpoint: the LLM's tensors under `language_model.` (names and shapes
 of the base architecture, no LoRA, no extra biases), the patch embedding `vision_embed.*`; no teacher,
@@ -393,27 +394,24 @@ def merge(
     )
 
     # --- stream -------------------------------------------------------------------------------
-    state = {"file": None, "handle": None}
+    # Each tensor is read through its own short-lived safe_open: the file mapping (and the page-cache
+    # pages it made resident) is dropped right after the copy, so RSS stays at about one tensor, not a
+    # whole shard, whatever the shard size.
+    def read(path: Path, key: str) -> torch.Tensor:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(key)
 
-    def base_tensor(name: str) -> torch.Tensor:
-        shard = source[name]
-        if state["file"] != shard:
-            state["handle"] = None  # close the previous shard before opening the next
-            state["handle"] = safe_open(str(shard), framework="pt")
-            state["file"] = shard
-        return state["handle"].get_tensor(name[len(LM_PREFIX):])
-
-    with safe_open(str(adapter_file), framework="pt") as adapter, ckpt.atomic_directory(output, overwrite=overwrite) as tmp:
+    with ckpt.atomic_directory(output, overwrite=overwrite) as tmp:
 
         def produce(name: str) -> torch.Tensor:
             if name.startswith(ckpt.VISION_PREFIX):
                 return vision[name[len(ckpt.VISION_PREFIX):]].to(target)
-            w = base_tensor(name)
+            w = read(source[name], name[len(LM_PREFIX):])
             lora = lora_plan.get(name[len(LM_PREFIX):])
             if lora is None:
                 return w.to(target) if w.is_floating_point() else w
-            a = adapter.get_tensor(lora["A"]).float()
-            b = adapter.get_tensor(lora["B"]).float()
+            a = read(adapter_file, lora["A"]).float()
+            b = read(adapter_file, lora["B"]).float()
             w32 = w.float() if w.dtype != torch.float32 else w.clone()
             del w
             if lora["transpose"]:
@@ -428,7 +426,6 @@ def merge(
             total += write_safetensors_streaming(tmp / fname, group, produce)
             weight_map.update({name: fname for name, _, _ in group})
             log(f"  wrote {fname} ({len(group)} tensors)")
-        state["handle"] = None
         n_params = sum(numel(s) for _, _, s in entries)
         (tmp / SAFE_INDEX).write_text(
             json.dumps({"metadata": {"total_size": total, "total_parameters": n_params}, "weight_map": weight_map}, indent=2) + "\n"
