@@ -115,7 +115,7 @@ class DistillSection:
     backend: Literal["transformers", "timm"] = _doc("how to load the teacher", default="transformers")
     timm_model: str | None = _doc("timm architecture name (backend timm)", default=None)
     timm_kwargs: dict = _doc("extra timm.create_model kwargs (backend timm)", default_factory=dict)
-    num_blocks: int | None = _doc("distil the first K LLM blocks (default: lora.layers, else the teacher depth)", default=None)
+    num_blocks: int | None = _doc("distil the first K LLM blocks (default: lora.layers, else min(teacher depth, LLM depth))", default=None)
     layer_map: list[list[int]] | None = _doc("explicit [[llm_block, vit_block], ...] pairs, 1-based (default: spread evenly)", default=None)
     weight: float = _doc("λ: total = LM loss + λ · distillation loss", default=1.0)
     dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = _doc("teacher dtype (default: model dtype)", default=None)
@@ -350,7 +350,7 @@ def _coerce(value, tp, ctx: _Ctx, dotted: str):
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53 and "e" in repr(value).lower():
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
             return int(value)  # 1e5 → 100000
         raise _Mismatch
     if tp is float:
@@ -437,7 +437,9 @@ def _check_train(raw: dict, ctx: _Ctx) -> dict:
             allowed = [m.value for e in enums for m in e]
             if value not in allowed:
                 raise ctx.error(dotted, f"{value!r} is not one of {allowed}{_suggest(value, allowed)}")
-        out[key] = _check(value, tp, ctx, dotted)
+        checked = _check(value, tp, ctx, dotted)
+        # keep ints as ints where TrainingArguments takes float (warmup_steps: 100 = steps, 0.03 = ratio)
+        out[key] = value if isinstance(value, int) and not isinstance(value, bool) and isinstance(checked, float) else checked
     return out
 
 
@@ -484,12 +486,12 @@ def load_recipe(path: str | None, overrides: list[str] | list[tuple[str, Any]] |
     for key in raw:
         if key not in SECTIONS:
             raise ctx.error(str(key), f"unknown section{_suggest(str(key), SECTIONS)} (sections: {', '.join(SECTIONS)})")
-    for key in REQUIRED_SECTIONS:
-        if raw.get(key) is None:
-            raise ctx.error(key, "required section missing")
     for key, value in raw.items():
         if value is not None and not isinstance(value, dict):
             raise ctx.error(key, f"expected a mapping, got {_describe(value)}")
+    for key in REQUIRED_SECTIONS:
+        if raw.get(key) is None:
+            raise ctx.error(key, "required section missing")
 
     model = _build(ModelSection, raw["model"], ctx, "model")
     data = _build(DataSection, raw["data"], ctx, "data")

@@ -465,6 +465,7 @@ def train(recipe: Recipe):
             json.dump(recipe.to_dict(), f, indent=2)
 
     trainer.train(resume_from_checkpoint=resume)
+    trainer.save_state()  # output_dir/trainer_state.json: the whole log history
     trainer.save_model()  # output_dir/final: weights only, atomic
     if is_main:
         png = plot_losses(trainer.state.log_history, os.path.join(args.output_dir, "loss_curve.png"))

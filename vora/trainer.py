@@ -43,14 +43,7 @@ RUN_FILE = "vora_run.json"
 TRAINER_STATE = "trainer_state.json"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model being trained."""
-
-
-try:  # the merge engineer's module, when present: same error type for the same problems
-    from .checkpoint import CheckpointError  # noqa: F811
-except ImportError:  # pragma: no cover
-    pass
+from .checkpoint import CheckpointError, write_trainable  # noqa: E402  (same format and errors as vora-merge reads)
 
 
 def _is_zero3_param(p) -> bool:
@@ -335,13 +328,15 @@ class VoRATrainer(Trainer):
                 bad = [k for k in rest if not k.startswith(("vision_embed.", "distill_heads."))]
                 if bad:
                     raise CheckpointError(f"trainable parameters outside the checkpoint format: {bad[:5]}")
-                lm = vora.language_model
-                if adapter:
-                    if not hasattr(lm, "peft_config"):
-                        raise CheckpointError(f"LLM parameters {list(adapter)[:3]} train but the LLM has no adapter: use trainable.llm: full")
-                    lm.save_pretrained(directory, state_dict=adapter, safe_serialization=True)
-                save_file(rest, os.path.join(directory, TRAINABLE_WEIGHTS), metadata={"format": "pt"})
-                vora.config.save_pretrained(directory)
+                if hasattr(vora.language_model, "peft_config"):
+                    info = self.run_info
+                    write_trainable(vora, directory, base_llm=info.get("base_llm", ""), teacher=info.get("teacher"),
+                                    recipe=info.get("recipe"), trainable=rest, adapter_state_dict=adapter)
+                elif adapter:
+                    raise CheckpointError(f"LLM parameters {list(adapter)[:3]} train without an adapter: use trainable.llm: full")
+                else:  # frozen LLM: patch embedding (and heads) only
+                    save_file(rest, os.path.join(directory, TRAINABLE_WEIGHTS), metadata={"format": "pt"})
+                    vora.config.save_pretrained(directory)
         if self.args.should_save:
             with open(os.path.join(directory, RUN_FILE), "w") as f:
                 json.dump(self.run_info, f, indent=2, default=str)

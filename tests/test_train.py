@@ -1,0 +1,429 @@
+"""Training end to end on CPU: DeepSpeed ZeRO-2/3 through `vora.train.main` in subprocesses (RANK/WORLD_SIZE/
+MASTER_* set, distinct ports), two processes through the `deepspeed` launcher, gradient accumulation, mixed
+text-only / image micro-batches (and a skipped sample), exact resume, checkpoint contents, stage 2.
+
+Everything is built locally in tmp dirs (tiny LLM + tokenizer, tiny CLIP teacher, PNGs + JSONL); nothing is
+downloaded. The first DeepSpeed run on a fresh machine JIT-builds DeepSpeed's shared-memory comm op (cached
+under $TORCH_EXTENSIONS_DIR, ~40 s once).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from tests.helpers_data import build_tokenizer, save_image, write_jsonl
+from tests.test_distill import save_teacher
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny_cpu.yaml"
+STEP_KEYS = ("loss", "grad_norm", "learning_rate", "lm_loss", "distill_loss", "distill_block_1", "distill_block_2",
+             "tokens_per_second", "images_per_second")
+
+
+# ---------------------------------------------------------------------------------------------------- world
+def _save_llm(path: Path, tok, seed=0):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+                      bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.2)
+    model.save_pretrained(path)
+
+
+def _save_merged(root: Path) -> Path:
+    """What vora-merge writes: a VoRA model (model_type vora) with its processor."""
+    from transformers import AutoTokenizer
+
+    from vora import VoRAForCausalLM
+    from vora.image_processing_vora import VoRAImageProcessor
+    from vora.processing_vora import VoRAProcessor
+
+    tok = AutoTokenizer.from_pretrained(root / "llm")
+    proc = VoRAProcessor(image_processor=VoRAImageProcessor(patch_size=2, min_pixels=16, max_pixels=64), tokenizer=tok)
+    torch.manual_seed(1)
+    model = VoRAForCausalLM.from_llm(str(root / "llm"), image_token_id=proc.image_token_id, patch_size=2,
+                                     vision_embed_dim=16, position_grid=4, min_pixels=16, max_pixels=64)
+    model.save_pretrained(root / "merged")
+    proc.save_pretrained(root / "merged")
+    return root / "merged"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_world")
+    tok = build_tokenizer(str(root / "llm"), "chatml")
+    _save_llm(root / "llm", tok)
+    save_teacher(str(root / "teacher"))
+    rows = []
+    for i in range(16):
+        if i % 4 == 3:  # text-only samples: some micro-batches have no image at all
+            rows.append({"conversations": [{"from": "human", "value": f"Say hello {i}"},
+                                           {"from": "gpt", "value": "Hello! How are you today?"}]})
+        elif i == 5:  # a bad sample (missing image): skipped and counted, never replaced
+            rows.append({"image": "img/missing.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                                                     {"from": "gpt", "value": "A dog."}]})
+        else:
+            h, w = [(8, 8), (10, 8), (12, 6), (6, 10)][i % 4]
+            save_image(str(root / "img" / f"{i}.png"), h=h, w=w, seed=i)
+            rows.append({"image": f"img/{i}.png", "conversations": [
+                {"from": "human", "value": "<image>\nWhat is in the image?"},
+                {"from": "gpt", "value": "A cat sitting on a red mat." if i % 2 else "Two dogs playing in the park."}]})
+    write_jsonl(str(root / "data.jsonl"), rows)
+    _save_merged(root)
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(port=None, single=True):
+    env = dict(os.environ)
+    env.pop("PYTEST_CURRENT_TEST", None)
+    env.update(PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    if single:
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port or _free_port()))
+    return env
+
+
+def _base_overrides(world: Path, out: Path, **extra) -> list[str]:
+    ov = {
+        "model.llm": str(world / "llm"), "distill.teacher": str(world / "teacher"),
+        "data.sources.0.path": str(world / "data.jsonl"), "data.cache_dir": str(world / "cache"),
+        "train.output_dir": str(out),
+    }
+    ov.update(extra)
+    return [f"{k}={v}" for k, v in ov.items()]
+
+
+def run_main(world: Path, out: Path, timeout=300, **extra) -> subprocess.CompletedProcess:
+    """`vora.train.main([...])` in a fresh interpreter, one process, DeepSpeed without a launcher."""
+    code = "import sys; from vora.train import main; sys.exit(main(sys.argv[1:]))"
+    cmd = [sys.executable, "-c", code, str(TINY), *_base_overrides(world, out, **extra)]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"training failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def step_logs(path: Path) -> dict[int, dict]:
+    """Per-step training logs from a trainer_state.json (or a run's output_dir: its last checkpoint)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "trainer_state.json").exists():
+            path = max(path.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        path = path / "trainer_state.json"
+    hist = json.loads(path.read_text())["log_history"]
+    return {h["step"]: h for h in hist if "loss" in h}
+
+
+def assert_same_steps(a: dict, b: dict, steps, keys=("loss", "lm_loss", "distill_loss", "grad_norm"), rtol=1e-6, atol=1e-6):
+    for s in steps:
+        for k in keys:
+            x, y = a[s][k], b[s][k]
+            assert abs(x - y) <= atol + rtol * abs(x), f"step {s} {k}: {x} vs {y}"
+
+
+def safetensors_keys(path: Path) -> dict[str, tuple]:
+    with safe_open(str(path), "pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+# ---------------------------------------------------------------------------------------------------- runs
+@pytest.fixture(scope="module")
+def zero2_run(world):
+    """6 steps, ZeRO-2, fp32, 2 samples per micro-batch, checkpoints every 2 steps (keep 2), TensorBoard on."""
+    out = world / "zero2"
+    proc = run_main(world, out, **{"train.save_steps": 2, "train.save_total_limit": 2, "train.report_to": "tensorboard"})
+    return out, proc
+
+
+def test_zero2_logs_checkpoints_and_artifacts(world, zero2_run):
+    out, proc = zero2_run
+    logs = step_logs(out)
+    assert sorted(logs) == [1, 2, 3, 4, 5, 6]
+    for rec in logs.values():
+        assert set(STEP_KEYS) <= set(rec), rec
+        assert abs(rec["loss"] - (rec["lm_loss"] + rec["distill_loss"])) < 1e-4  # λ = 1
+    assert any(rec["distill_loss"] > 0 for rec in logs.values())
+    # trainable parameters printed by group; bad sample reported
+    assert "trainable parameters by group" in proc.stdout and "parameters[lora]" in proc.stdout
+    assert "parameters[teacher]: trainable 0" in proc.stdout
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["skipped"] == {"image_missing": 1}
+    # save_total_limit=2 keeps the last two; nothing half-written left over
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    assert not list(out.glob(".tmp-*"))
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    assert list(out.rglob("events.out.tfevents.*"))  # TensorBoard by default
+    assert (out / "final" / "adapter_model.safetensors").exists()
+
+
+def test_checkpoint_holds_trainable_weights_only(world, zero2_run):
+    out, _ = zero2_run
+    ck = out / "checkpoint-6"
+    names = {p.name for p in ck.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "vora_trainable.safetensors", "config.json", "vora_run.json",
+            "trainer_state.json", "rng_state.pth", "scheduler.pt", "latest", "tokenizer.json", "processor_config.json"} <= names
+    adapter = safetensors_keys(ck / "adapter_model.safetensors")
+    assert adapter and all("lora_A" in k or "lora_B" in k for k in adapter)
+    assert {k.split(".layers.")[1].split(".")[0] for k in adapter} == {"0", "1"}  # lora.layers: 2
+    trainable = safetensors_keys(ck / "vora_trainable.safetensors")
+    assert trainable and all(k.startswith(("vision_embed.", "distill_heads.")) for k in trainable)
+    assert any(k.startswith("distill_heads.") for k in trainable)
+    # DeepSpeed's own part: optimizer partitions and the trainable module weights, no teacher / base LLM
+    ds = torch.load(next(ck.glob("global_step6/mp_rank_00_model_states.pt")), map_location="cpu", weights_only=False)
+    module_keys = list(ds["module"])
+    assert module_keys and not [k for k in module_keys if "teacher" in k or ("language_model" in k and "lora_" not in k)]
+    # nothing of the size of the frozen weights anywhere in the checkpoint
+    llm_bytes = sum(f.stat().st_size for f in (world / "llm").glob("*.safetensors"))
+    assert sum(f.stat().st_size for f in ck.rglob("*.safetensors")) < llm_bytes / 3
+    for f in ck.rglob("*"):
+        if f.is_file():
+            assert f.stat().st_size < llm_bytes / 2, f
+    run = json.loads((ck / "vora_run.json").read_text())
+    assert run["base_llm"] == str(world / "llm") and run["teacher"]["source"] == str(world / "teacher")
+    assert run["recipe"]["lora"]["rank"] == 4 and run["trainable"]["llm"] == "lora"
+
+
+def test_final_weights_load_with_vora_checkpoint(world, zero2_run):
+    from vora.checkpoint import load_trainable
+
+    out, _ = zero2_run
+    model, heads = load_trainable(out / "final")
+    assert heads and all(k.startswith(("0.", "1.")) for k in heads)
+    adapter = safetensors_keys(out / "final" / "adapter_model.safetensors")
+    with safe_open(str(out / "final" / "adapter_model.safetensors"), "pt") as f:
+        k = next(k for k in f.keys() if "lora_B" in k)
+        assert f.get_tensor(k).abs().sum() > 0  # trained (B starts at zero)
+    assert adapter
+
+
+def test_resume_is_exact_and_skips_without_loading(world, zero2_run):
+    """4 steps + resume + 2 steps == 6 uninterrupted steps; the 8 samples of the first 4 steps are not loaded again."""
+    out, _ = zero2_run
+    resumed = world / "zero2_resumed"
+    run_main(world, resumed, **{"train.resume_from_checkpoint": str(out / "checkpoint-4"), "train.save_steps": 2})
+    a, b = step_logs(out), step_logs(resumed)
+    assert_same_steps(a, b, [5, 6], keys=("loss", "lm_loss", "distill_loss", "distill_block_1", "grad_norm", "learning_rate"))
+    report = json.loads((resumed / "data_report.json").read_text())
+    # 2 steps × 2 samples, plus the one batch the dataloader reads ahead; the skipped 4 steps were never decoded
+    assert report["ok"] + report["skipped_total"] <= (2 + 1) * 2
+
+
+def test_gradient_accumulation_and_two_processes_match(world, zero2_run):
+    """The same 4 steps as 1 process × 2 samples, as 1 process × 1 sample × 2 accumulation steps, and as 2 processes
+    × 1 sample through the deepspeed launcher: LM loss is normalised over the step's tokens and distillation over
+    the step's images, so all three give the same losses and gradients (some micro-batches are text-only or empty)."""
+    out, _ = zero2_run
+    ga = world / "ga"
+    run_main(world, ga, **{"train.per_device_train_batch_size": 1, "train.gradient_accumulation_steps": 2, "train.max_steps": 4,
+                           "train.save_steps": 100})
+    two = world / "two_procs"
+    port = _free_port()
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module", "vora.train",
+           str(TINY), *_base_overrides(world, two, **{"train.per_device_train_batch_size": 1, "train.max_steps": 4,
+                                                      "train.save_steps": 4})]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(single=False), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, f"{proc.stdout[-6000:]}\n{proc.stderr[-4000:]}"
+    # the sampler's order (seed 0): some step pairs a text-only micro-batch with an image one
+    g = torch.Generator()
+    g.manual_seed(0)
+    perm = torch.randperm(16, generator=g).tolist()[:8]
+    text_only = [i % 4 == 3 for i in perm]
+    assert any(text_only[2 * k] != text_only[2 * k + 1] for k in range(4)), perm
+    ref = step_logs(out)
+    for other in (step_logs(ga), step_logs(two)):
+        assert_same_steps(ref, other, [1, 2, 3, 4], rtol=2e-5, atol=2e-5)
+    # the two ranks each wrote their RNG state and optimizer partition into the one checkpoint
+    ck = two / "checkpoint-4"
+    assert (ck / "rng_state_0.pth").exists() and (ck / "rng_state_1.pth").exists()
+    assert len(list(ck.glob("global_step4/*optim_states.pt"))) == 2
+
+
+def test_zero3_bf16_checkpointing_and_resume(world, zero2_run):
+    """ZeRO-3 (LLM and teacher partitioned at load), bf16, gradient checkpointing: trains, gathers the trainable
+    weights for the checkpoint, resumes exactly."""
+    out, _ = zero2_run
+    z3 = world / "zero3"
+    extra = {"train.deepspeed": "ds_configs/zero3.json", "train.bf16": "true", "train.gradient_checkpointing": "true",
+             "train.max_steps": 3, "train.save_steps": 2, "train.per_device_train_batch_size": 2}
+    proc = run_main(world, z3, **extra)
+    assert "ZeRO-3 at load: True" in proc.stdout
+    logs = step_logs(z3)
+    ref = step_logs(out)
+    for s in (1, 2, 3):  # bf16 vs fp32: close, not equal
+        assert abs(logs[s]["lm_loss"] - ref[s]["lm_loss"]) < 0.05 * abs(ref[s]["lm_loss"])
+    ck = z3 / "checkpoint-2"
+    ours = safetensors_keys(ck / "adapter_model.safetensors")
+    theirs = safetensors_keys(out / "checkpoint-4" / "adapter_model.safetensors")
+    assert ours == theirs  # full shapes, not ZeRO-3 partitions
+    assert safetensors_keys(ck / "vora_trainable.safetensors") == safetensors_keys(out / "checkpoint-4" / "vora_trainable.safetensors")
+    resumed = world / "zero3_resumed"
+    run_main(world, resumed, **{**extra, "train.resume_from_checkpoint": str(ck)})
+    assert_same_steps(logs, step_logs(resumed), [3], keys=("loss", "lm_loss", "distill_loss", "grad_norm"))
+
+
+def test_stage2_full_finetune_saves_full_model_and_resumes(world):
+    """Stage 2 from a merged VoRA checkpoint, no teacher, all LLM weights + patch embedding trainable; the plain
+    torch path (no DeepSpeed: `vora-train` on one device), with evaluation."""
+    from vora import VoRAForCausalLM
+
+    out = world / "stage2"
+    extra = {"model.llm": "null", "model.vora": str(world / "merged"), "lora": "null", "distill": "null",
+             "trainable.llm": "full", "train.max_steps": 4, "train.save_steps": 2, "train.deepspeed": "null",
+             "data.eval_sources": f"[{world / 'data.jsonl'}]", "train.eval_strategy": "steps", "train.eval_steps": 4,
+             "train.per_device_eval_batch_size": 4}
+    proc = run_main(world, out, **extra)
+    evals = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "eval_loss" in h]
+    assert evals and evals[0]["eval_lm_loss"] > 0 and abs(evals[0]["eval_loss"] - evals[0]["eval_lm_loss"]) < 0.5
+    assert "parameters[llm]: trainable 214,080 / 214,080" in proc.stdout
+    assert "parameters[patch_embed]: trainable 1,568 / 1,568" in proc.stdout
+    ck = out / "checkpoint-4"
+    assert (ck / "model.safetensors").exists() and (ck / "optimizer.pt").exists()
+    assert not (ck / "adapter_model.safetensors").exists()
+    keys = safetensors_keys(ck / "model.safetensors")
+    assert any(k.startswith("language_model.") for k in keys) and any(k.startswith("vision_embed.") for k in keys)
+    model = VoRAForCausalLM.from_pretrained(out / "final")
+    base = VoRAForCausalLM.from_pretrained(world / "merged")
+    assert not torch.equal(model.language_model.lm_head.weight, base.language_model.lm_head.weight)
+    resumed = world / "stage2_resumed"
+    run_main(world, resumed, **{**extra, "train.resume_from_checkpoint": str(out / "checkpoint-2")})
+    assert_same_steps(step_logs(out), step_logs(resumed), [3, 4], keys=("loss", "grad_norm"))
+
+
+# ---------------------------------------------------------------------------------------------------- in process
+def _recipe(world, out, *extra):
+    from vora.config import load_recipe
+
+    return load_recipe(str(TINY), _base_overrides(world, out, **{"train.deepspeed": "null"}) + list(extra))
+
+
+def _trainer(recipe):
+    from vora.train import build_collator, build_datasets, build_model, build_training_arguments
+    from vora.trainer import VoRATrainer
+
+    args = build_training_arguments(recipe)
+    built = build_model(recipe, args)
+    train_ds, _ = build_datasets(recipe, built.processor)
+    return VoRATrainer(model=built.model, args=args, train_dataset=train_ds, data_collator=build_collator(recipe, built.processor),
+                       save_mode=built.save_mode, run_info=built.run_info, vora_processor=built.processor)
+
+
+def _trainable(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("spec", ["full", "lora", "frozen", "frozen_no_patch"])
+def test_stage2_trainable_sets(world, tmp_path, spec):
+    from vora.config import ConfigError
+    from vora.train import build_model, build_training_arguments
+
+    extra = ["model.llm=null", f"model.vora={world / 'merged'}", "distill=null"]
+    if spec == "lora":
+        extra += ["lora.layers=3", "lora.rank=2", "trainable.llm=lora"]
+    else:
+        extra += ["lora=null", f"trainable.llm={spec.split('_')[0]}"]
+    if spec == "frozen_no_patch":
+        extra += ["trainable.patch_embed=false"]
+    recipe = _recipe(world, tmp_path / "o", *extra)
+    if spec == "frozen_no_patch":
+        with pytest.raises(ConfigError, match="nothing to train"):
+            build_model(recipe, build_training_arguments(recipe))
+        return
+    model = build_model(recipe, build_training_arguments(recipe)).model
+    names = _trainable(model)
+    vision = {n for n in names if n.startswith("vora.vision_embed.")}
+    llm = names - vision
+    assert len(vision) == 6  # conv weight/bias, norm, position, proj weight/bias
+    if spec == "full":
+        assert llm == {n for n, _ in model.named_parameters() if n.startswith("vora.language_model.")}
+    elif spec == "lora":
+        assert llm and all("lora_" in n for n in llm)
+        assert {n.split(".layers.")[1].split(".")[0] for n in llm} == {"0", "1", "2"}
+    else:
+        assert not llm
+
+
+def test_resume_loads_strictly(world, zero2_run, tmp_path):
+    """Missing or unexpected keys in a checkpoint are named; nothing is loaded with strict=False."""
+    from safetensors.torch import load_file, save_file
+
+    from vora.checkpoint import CheckpointError
+
+    out, _ = zero2_run
+    trainer = _trainer(_recipe(world, tmp_path / "o"))
+    good = out / "checkpoint-6"
+    trainer.load_checkpoint_weights(good)  # fits
+    lora_b = next(p for n, p in trainer.model.named_parameters() if "lora_B" in n)
+    assert lora_b.abs().sum() > 0
+
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    t = load_file(bad / "vora_trainable.safetensors")
+    dropped = sorted(t)[0]
+    t.pop(dropped)
+    t["vision_embed.extra"] = torch.zeros(1)
+    save_file(t, bad / "vora_trainable.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        trainer.load_checkpoint_weights(bad)
+    assert dropped in str(e.value) and "vision_embed.extra" in str(e.value)
+
+    shutil.copy(good / "vora_trainable.safetensors", bad / "vora_trainable.safetensors")
+    a = load_file(bad / "adapter_model.safetensors")
+    key = sorted(a)[0]
+    a[key] = torch.zeros(a[key].shape[0] + 1, *a[key].shape[1:])
+    save_file(a, bad / "adapter_model.safetensors")
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        trainer.load_checkpoint_weights(bad)
+
+
+def test_checkpoints_are_atomic(world, tmp_path, monkeypatch):
+    """A save that fails half-way leaves no checkpoint-N (only a .tmp dir that resume ignores); the next save works."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = tmp_path / "o"
+    trainer = _trainer(_recipe(world, out, "train.save_only_model=true"))
+    trainer.state.global_step = 7
+    real = trainer._write_weights
+
+    def broken(directory):
+        real(directory)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(trainer, "_write_weights", broken)
+    with pytest.raises(OSError, match="disk full"):
+        trainer._save_checkpoint(trainer.model, None)
+    assert not (out / "checkpoint-7").exists() and (out / ".tmp-checkpoint-7").exists()
+    assert get_last_checkpoint(str(out)) is None
+    monkeypatch.setattr(trainer, "_write_weights", real)
+    trainer._save_checkpoint(trainer.model, None)
+    assert (out / "checkpoint-7" / "adapter_model.safetensors").exists() and not (out / ".tmp-checkpoint-7").exists()
+    assert get_last_checkpoint(str(out)) == str(out / "checkpoint-7")
+
+
+def test_cli_config_error_exit_code(monkeypatch, capsys):
+    from vora.train import main
+
+    monkeypatch.setattr(sys, "argv", ["vora-train", str(TINY), "train.learning_rat=1e-4"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2
+    assert "command line: train.learning_rat: unknown key (did you mean learning_rate?)" in capsys.readouterr().err
