@@ -518,12 +518,6 @@ def write_support_files(tmp: Path, checkpoint: Path, base_dir: Path, config, tar
         gen.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else None)
     if gen.bos_token_id is None:
         gen.bos_token_id = config.bos_token_id
-    # The model never learns to emit <image> (its labels are always -100), but if sampling drew it, the
-    # next step would carry an image placeholder without an image. Never generate it.
-    suppress = list(gen.suppress_tokens or [])
-    if config.image_token_id not in suppress:
-        suppress.append(config.image_token_id)
-    gen.suppress_tokens = suppress
     gen.save_pretrained(str(tmp))
     if run:
         (tmp / "vora_run.json").write_text(json.dumps(run, indent=2, default=str) + "\n")

@@ -164,6 +164,16 @@ class VoRAForCausalLM(VoRAPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        if (
+            inputs_embeds is None and pixel_values is None and input_ids is not None and input_ids.shape[-1] == 1
+            and cache is not None and cache.get_seq_length() > 0
+        ):
+            # A decoding step (one new token, images already in the cache) is exactly a base LLM step: no
+            # placeholder check (a host sync), no extra ops. Decoding costs what the base LLM costs.
+            return self.language_model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs,
+            )
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("VoRAForCausalLM.forward needs input_ids or inputs_embeds")
