@@ -44,7 +44,7 @@ def reference_greedy(model, batch, n, eos_ids, pad_id, suppress=()):
     """No cache: a full forward over the whole sequence (images bidirectional) at every step, argmax.
     Finished rows continue with padding, as generate() does."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     for _ in range(n):
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
@@ -52,7 +52,7 @@ def reference_greedy(model, batch, n, eos_ids, pad_id, suppress=()):
                            pixel_values=batch.get("pixel_values"), image_grid_hw=batch.get("image_grid_hw")).logits[:, -1]
         logits[:, list(suppress)] = float("-inf")
         nxt = torch.where(done, torch.full_like(ids[:, 0], pad_id), logits.argmax(-1))
-        done |= torch.isin(nxt, torch.tensor(eos_ids))
+        done |= torch.isin(nxt, torch.tensor(eos_ids, device=ids.device))
         ids = torch.cat([ids, nxt[:, None]], 1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         if done.all():
@@ -233,3 +233,18 @@ def test_vora_generate_cli_streams(world, models, processor, tmp_path, capsys):
     assert generate_main(argv[:-2] + ["--temperature", "0.8", "--seed", "1", "--device", "cpu"]) == 0
     with pytest.raises(SystemExit, match="cannot read image"):
         generate_main(["--model", str(world.merged_dir), "--image", str(tmp_path / "nope.png"), "--prompt", "x"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_cuda_cached_greedy_equals_reference(world, processor, attn):
+    model = AutoModelForCausalLM.from_pretrained(world.merged_dir, attn_implementation=attn, dtype=torch.float32).cuda().eval()
+    imgs = images()
+    inputs = processor(images=imgs, text=["<image>\nDescribe.", "<image><image>\nCompare."], return_tensors="pt").to("cuda")
+    out = model.generate(**inputs, max_new_tokens=N_NEW, do_sample=False)
+    ref = reference_greedy(model, dict(inputs), N_NEW, *gen_settings(model)[:2])
+    assert out.tolist() == ref[:, : out.shape[1]].tolist()
+    bf16 = AutoModelForCausalLM.from_pretrained(world.merged_dir, attn_implementation=attn, dtype=torch.bfloat16).cuda().eval()
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    out16 = bf16.generate(**inputs, max_new_tokens=N_NEW, do_sample=False)
+    assert out16.shape == out.shape and (out16[:, inputs["input_ids"].shape[1]:] < world.vocab).all()
