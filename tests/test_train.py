@@ -98,7 +98,8 @@ def _free_port() -> int:
 def _env(port=None, single=True):
     env = dict(os.environ)
     env.pop("PYTEST_CURRENT_TEST", None)
-    env.update(PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env.update(PYTHONPATH=os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p),
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     if single:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port or _free_port()))
     return env

@@ -333,6 +333,13 @@ def build_model(recipe: Recipe, args) -> Built:
         for p in model.parameters():
             if not hasattr(p, "ds_id") and p.is_floating_point() and p.dtype != torch.bfloat16:
                 p.data = p.data.to(torch.bfloat16)
+    if _zero3():
+        # ZeRO-3 places the parameters; buffers of modules built outside zero.Init (teacher mean/std) stay where they
+        # were made: move them to this rank's device.
+        for module in model.modules():
+            for name, buf in module._buffers.items():
+                if buf is not None and buf.device != args.device:
+                    module._buffers[name] = buf.to(args.device)
     n_train = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters() if p.requires_grad)
     if n_train == 0:
         raise ConfigError(f"{recipe.source}: nothing to train (trainable.llm: frozen, trainable.patch_embed: false, no distillation)")
