@@ -138,6 +138,9 @@ def step_logs(path: Path) -> dict[int, dict]:
 def assert_same_steps(a: dict, b: dict, steps, keys=("loss", "lm_loss", "distill_loss", "grad_norm"), rtol=1e-6, atol=1e-6):
     for s in steps:
         for k in keys:
+            assert (k in a[s]) == (k in b[s]), f"step {s}: {k} logged in one run only"
+            if k not in a[s]:
+                continue
             x, y = a[s][k], b[s][k]
             assert abs(x - y) <= atol + rtol * abs(x), f"step {s} {k}: {x} vs {y}"
 
@@ -161,9 +164,10 @@ def test_zero2_logs_checkpoints_and_artifacts(world, zero2_run):
     logs = step_logs(out)
     assert sorted(logs) == [1, 2, 3, 4, 5, 6]
     for rec in logs.values():
-        assert set(STEP_KEYS) <= set(rec), rec
-        assert abs(rec["loss"] - (rec["lm_loss"] + rec["distill_loss"])) < 1e-4  # λ = 1
-    assert any(rec["distill_loss"] > 0 for rec in logs.values())
+        with_images = rec["images_per_second"] > 0
+        assert set(STEP_KEYS) - (set() if with_images else {"distill_loss", "distill_block_1", "distill_block_2"}) <= set(rec), rec
+        assert abs(rec["loss"] - (rec["lm_loss"] + rec.get("distill_loss", 0.0))) < 1e-4  # λ = 1
+    assert any(rec.get("distill_loss", 0) > 0 for rec in logs.values())
     # trainable parameters printed by group; bad sample reported
     assert "trainable parameters by group" in proc.stdout and "parameters[lora]" in proc.stdout
     assert "parameters[teacher]: trainable 0" in proc.stdout
@@ -428,3 +432,21 @@ def test_cli_config_error_exit_code(monkeypatch, capsys):
         main()
     assert e.value.code == 2
     assert "command line: train.learning_rat: unknown key (did you mean learning_rate?)" in capsys.readouterr().err
+
+
+def test_resume_target(world, tmp_path):
+    from vora.config import ConfigError
+    from vora.train import _resume_target
+
+    out = tmp_path / "o"
+    auto = _recipe(world, out, "train.resume_from_checkpoint=auto")
+    assert _resume_target(auto, str(out)) is None  # nothing yet: start fresh
+    with pytest.raises(ConfigError, match="no checkpoint-N"):
+        _resume_target(_recipe(world, out, "train.resume_from_checkpoint=true"), str(out))
+    (out / "checkpoint-3").mkdir(parents=True)
+    (out / "checkpoint-12").mkdir()
+    (out / ".tmp-checkpoint-20").mkdir()  # an interrupted save is never resumed from
+    assert _resume_target(auto, str(out)) == str(out / "checkpoint-12")
+    assert _resume_target(_recipe(world, out, f"train.resume_from_checkpoint={out / 'checkpoint-3'}"), str(out)) == str(out / "checkpoint-3")
+    with pytest.raises(ConfigError, match="is not a directory"):
+        _resume_target(_recipe(world, out, "train.resume_from_checkpoint=/nope"), str(out))

@@ -236,7 +236,7 @@ class VoRATrainer(Trainer):
         lm_sum, lm_tokens, distill, img, tokens, images = vec[:6]
         elapsed = max(time.perf_counter() - self._win_t0, 1e-9)
         out = {"lm_loss": lm_sum / max(lm_tokens, 1.0)}
-        if self.train_model.teacher is not None:
+        if self.train_model.teacher is not None and img > 0:  # no images in the window: nothing to report
             out["distill_loss"] = distill / max(img, 1.0)
             for (s, _), v in zip(self.train_model.pairs, vec[6:]):
                 out[f"distill_block_{s}"] = v / max(img, 1.0)
