@@ -124,7 +124,7 @@ def test_paper_recipes_match_the_paper():
 
 
 def test_every_key_is_documented():
-    doc = (REPO / "docs" / "README_TRAINING.md").read_text()
+    doc = (REPO / "README.md").read_text()
     for section, rows in reference().items():
         for key, default, _ in rows:
-            assert re.search(rf"`{section}\.{key}`", doc), f"{section}.{key} missing from docs/README_TRAINING.md"
+            assert re.search(rf"`{section}\.{key}`", doc), f"{section}.{key} missing from README.md"
