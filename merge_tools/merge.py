@@ -16,6 +16,11 @@ no distillation heads. It carries the modeling/processing code (`trust_remote_co
 without vora installed), the tokenizer with its chat template, the image-processor and processor
 configs and a generation config. The directory appears whole or not at all.
 
+Stage 2: the base may itself be a merged VoRA directory (``model_type: vora``; ``vora_run.json``'s ``base_llm`` of a
+stage-2 run). The new LoRA is folded into its ``language_model.*`` tensors; the patch embedding is the checkpoint's
+when the run trained it, else the base's. A checkpoint without an adapter (``trainable.llm: frozen``) only replaces
+the patch embedding. A full-model checkpoint (``trainable.llm: full``) needs no merge and is refused with that hint.
+
 Every mismatch is refused with a message naming the key, shape or path: adapter keys matching no base
 weight, adapter/base shape mismatches, base weights missing or unexpected, a patch embedding that
 does not fit the config.
@@ -290,7 +295,13 @@ def merge(
     max_shard_size: str | int = "5GB",
     log=None,
 ) -> dict:
-    """Merge ``checkpoint`` into a standalone model at ``output``. Returns a summary dict."""
+    """Merge ``checkpoint`` into a standalone model at ``output``. Returns a summary dict.
+
+    The base is a text LLM (stage 1) or a merged VoRA directory (stage 2: its ``language_model.*`` tensors take
+    the LoRA, its ``vision_embed.*`` is kept unless the run trained the patch embedding). A checkpoint without an
+    adapter (``trainable.llm: frozen``) only replaces the patch embedding; a full-model checkpoint
+    (``trainable.llm: full``) is refused: it needs no merge.
+    """
     from vora import checkpoint as ckpt
     from vora.configuration_vora import VoRAConfig
 
@@ -298,10 +309,19 @@ def merge(
     t0 = time.time()
     checkpoint = Path(checkpoint).absolute()
     output = Path(output).absolute()
+    run = {}
+    if (checkpoint / ckpt.RUN_FILE).is_file():
+        run = json.loads((checkpoint / ckpt.RUN_FILE).read_text())
     try:
-        ckpt.require_files(checkpoint)
+        kind = ckpt.checkpoint_kind(checkpoint, run)
     except ckpt.CheckpointError as e:
         raise MergeError(str(e)) from e
+    if kind == "full":
+        raise MergeError(
+            f"{checkpoint} is a full model (a run that fine-tuned the whole LLM, trainable.llm: full, or a merged "
+            "model): it has no LoRA and needs no merge. Load it directly: "
+            "AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)"
+        )
     if output.exists() and not overwrite:
         raise MergeError(f"output {output} already exists (pass --overwrite to replace it)")
     if output == checkpoint or checkpoint.is_relative_to(output) or output.is_relative_to(checkpoint):
@@ -311,25 +331,36 @@ def merge(
     config = VoRAConfig.from_pretrained(str(checkpoint))
     if config.text_config is None:
         raise MergeError(f"{checkpoint / 'config.json'}: no text_config")
-    run = json.loads((checkpoint / ckpt.RUN_FILE).read_text()) if (checkpoint / ckpt.RUN_FILE).is_file() else {}
     base_ref = base or run.get("base_llm")
     if not base_ref:
         raise MergeError(f"{checkpoint / ckpt.RUN_FILE} does not name the base LLM: pass --base LLM_PATH")
     base_dir = resolve_base(str(base_ref)).absolute()
     if output == base_dir or output.is_relative_to(base_dir) or base_dir.is_relative_to(output):
         raise MergeError(f"output {output} must be outside the base LLM directory {base_dir}")
-    check_base_config(base_dir, config.text_config)
+    vora_base = check_base_config(base_dir, config)
+    try:
+        ckpt.check_base_stage(run, vora_base, base_dir)
+    except ckpt.CheckpointError as e:
+        raise MergeError(str(e)) from e
+    prefix = LM_PREFIX if vora_base else ""  # where the LLM's tensors live in the base's files
 
     # --- what the base holds, what the architecture needs --------------------------------------
     shards, where = base_shards(base_dir)
-    base_meta: dict[str, dict] = {}
+    file_meta: dict[str, dict] = {}
     for shard in shards:
         for name, meta in read_header(shard).items():
             if where.get(name) == shard:
-                base_meta[name] = meta
-    listed_missing = sorted(set(where) - set(base_meta))
+                file_meta[name] = meta
+    listed_missing = sorted(set(where) - set(file_meta))
     if listed_missing:
         raise MergeError(f"{base_dir / SAFE_INDEX} lists tensors absent from their shard: {listed_missing[:5]}")
+    base_vision_meta: dict[str, dict] = {}
+    if vora_base:
+        other = sorted(n for n in file_meta if not n.startswith((LM_PREFIX, ckpt.VISION_PREFIX)))
+        if other:
+            raise MergeError(f"VoRA base {base_dir}: unexpected tensors {other[:5]} (expected only {LM_PREFIX}* and {ckpt.VISION_PREFIX}*)")
+        base_vision_meta = {n[len(ckpt.VISION_PREFIX):]: m for n, m in file_meta.items() if n.startswith(ckpt.VISION_PREFIX)}
+    base_meta = {n[len(prefix):]: m for n, m in file_meta.items() if n.startswith(prefix)}
     required, aliases, ignore = expected_llm_tensors(config.text_config)
     dropped = [n for n in base_meta if n not in required and n not in aliases and any(p.search(n) for p in ignore)]
     for n in dropped:
@@ -337,7 +368,8 @@ def merge(
     ckpt_check(
         {**required, **aliases},
         {n: tuple(m["shape"]) for n, m in base_meta.items()},
-        f"base LLM {base_dir} vs the checkpoint's text_config ({config.text_config.model_type})",
+        f"{'VoRA base' if vora_base else 'base LLM'} {base_dir} vs the checkpoint's text_config ({config.text_config.model_type})"
+        + (f" (tensors under {LM_PREFIX})" if vora_base else ""),
         optional=set(aliases),
     )
     quantized = sorted({m["dtype"] for m in base_meta.values() if m["dtype"].startswith("F8")})
@@ -358,17 +390,36 @@ def merge(
     target = TARGET_DTYPES[dtype]
 
     # --- adapter and patch embedding ----------------------------------------------------------
-    adapter_cfg = read_adapter_config(checkpoint / ckpt.ADAPTER_CONFIG)
     adapter_file = checkpoint / ckpt.ADAPTER_WEIGHTS
-    lora_plan = plan_adapter(adapter_file, adapter_cfg, base_meta)
-    vision = load_patch_embedding(checkpoint, config)
+    if kind == "lora":
+        adapter_cfg = read_adapter_config(checkpoint / ckpt.ADAPTER_CONFIG)
+        lora_plan = plan_adapter(adapter_file, adapter_cfg, base_meta)
+    else:
+        lora_plan = {}
+        log(f"{checkpoint} has no LoRA adapter (the LLM was frozen, trainable.llm: frozen): the LLM weights are "
+            f"copied from {base_dir} unchanged; only the patch embedding is replaced")
+    patch_trained = (run.get("trainable") or {}).get("patch_embed", True) is not False
+    vision = load_patch_embedding(checkpoint, config, required=not vora_base)
+    if vora_base and (vision is None or not patch_trained):
+        vision = None  # keep the base's patch embedding (read from its shard when written)
+        with torch.device("meta"):
+            from vora.modeling_vora import VoRAPatchEmbed
+
+            expected = {k: tuple(v.shape) for k, v in VoRAPatchEmbed(config).state_dict().items()}
+        ckpt_check(expected, {k: tuple(m["shape"]) for k, m in base_vision_meta.items()},
+                   f"VoRA base {base_dir} (patch embedding vs the checkpoint's config.json)")
+        vision_shapes = {k: tuple(m["shape"]) for k, m in base_vision_meta.items()}
+        vision_source = "base"
+    else:
+        vision_shapes = {k: tuple(t.shape) for k, t in vision.items()}
+        vision_source = "checkpoint"
 
     # --- output plan: base tensors in file order, then the patch embedding ---------------------
     order: list[tuple[str, Path]] = []
     for shard in shards:
         header = read_header(shard)
-        names = [n for n in header if n in base_meta and where[n] == shard]
-        names.sort(key=lambda n: header[n]["data_offsets"][0])
+        names = [n[len(prefix):] for n in header if n.startswith(prefix) and n[len(prefix):] in base_meta and where[n] == shard]
+        names.sort(key=lambda n: header[prefix + n]["data_offsets"][0])
         order += [(n, shard) for n in names]
 
     def out_dtype(src: str) -> torch.dtype:
@@ -376,7 +427,7 @@ def merge(
         return target if d.is_floating_point else d
 
     entries = [(LM_PREFIX + n, out_dtype(base_meta[n]["dtype"]), tuple(base_meta[n]["shape"])) for n, _ in order]
-    entries += [(ckpt.VISION_PREFIX + n, target, tuple(t.shape)) for n, t in vision.items()]
+    entries += [(ckpt.VISION_PREFIX + n, target, shape) for n, shape in vision_shapes.items()]
     groups, current, size = [], [], 0
     for e in entries:
         nbytes = numel(e[2]) * e[1].itemsize
@@ -389,7 +440,8 @@ def merge(
     n_shards = len(groups)
     source = {LM_PREFIX + n: s for n, s in order}
     log(
-        f"merging {checkpoint} into {base_dir} → {output}: {len(lora_plan)} LoRA-adapted weights, "
+        f"merging {checkpoint} into {'the VoRA model' if vora_base else ''} {base_dir} → {output}: "
+        f"{len(lora_plan)} LoRA-adapted weights, patch embedding from the {vision_source}, "
         f"{len(entries)} tensors, {n_shards} output shard(s), dtype {dtype}"
     )
 
@@ -405,9 +457,12 @@ def merge(
 
         def produce(name: str) -> torch.Tensor:
             if name.startswith(ckpt.VISION_PREFIX):
-                return vision[name[len(ckpt.VISION_PREFIX):]].to(target)
-            w = read(source[name], name[len(LM_PREFIX):])
-            lora = lora_plan.get(name[len(LM_PREFIX):])
+                key = name[len(ckpt.VISION_PREFIX):]
+                t = vision[key] if vision is not None else read(where[name], name)
+                return t.to(target)
+            llm_name = name[len(LM_PREFIX):]
+            w = read(source[name], prefix + llm_name)
+            lora = lora_plan.get(llm_name)
             if lora is None:
                 return w.to(target) if w.is_floating_point() else w
             a = read(adapter_file, lora["A"]).float()
@@ -432,8 +487,9 @@ def merge(
         )
         write_support_files(tmp, checkpoint, base_dir, config, target, run)
     summary = {
-        "output": str(output), "base": str(base_dir), "dtype": dtype, "shards": n_shards, "tensors": len(entries),
-        "lora_weights": len(lora_plan), "parameters": n_params, "bytes": total, "seconds": round(time.time() - t0, 2),
+        "output": str(output), "base": str(base_dir), "base_kind": "vora" if vora_base else "llm", "dtype": dtype,
+        "shards": n_shards, "tensors": len(entries), "lora_weights": len(lora_plan), "patch_embedding": vision_source,
+        "parameters": n_params, "bytes": total, "seconds": round(time.time() - t0, 2),
     }
     log(f"done in {summary['seconds']} s: {n_params:,} parameters, {total / 1e9:.2f} GB")
     return summary
@@ -448,22 +504,38 @@ def ckpt_check(expected, got, what, optional=frozenset()):
         raise MergeError(str(e)) from e
 
 
-def check_base_config(base_dir: Path, text_config) -> None:
-    """The base's config.json must describe the architecture the checkpoint was trained on."""
+LLM_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+VORA_FIELDS = ("patch_size", "vision_embed_dim", "position_grid", "image_token_id")
+
+
+def check_base_config(base_dir: Path, config) -> bool:
+    """The base's config.json must describe the architecture the checkpoint was trained on. Returns whether the
+    base is a merged VoRA model (stage 2) rather than a text LLM."""
     path = base_dir / "config.json"
     if not path.is_file():
         raise MergeError(f"base LLM {base_dir} has no config.json")
     base_cfg = json.loads(path.read_text())
-    fields = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
-    for f in fields:
+    text_config = getattr(config, "text_config", None) or config
+    vora_base = base_cfg.get("model_type") == "vora"
+    if vora_base:
+        for f in VORA_FIELDS:
+            a, b = base_cfg.get(f), getattr(config, f, None)
+            if a is not None and b is not None and a != b:
+                raise MergeError(f"VoRA base {path}: {f}={a!r} but the checkpoint's config.json has {f}={b!r}: wrong base?")
+        base_cfg = base_cfg.get("text_config") or {}
+        where = f"VoRA base {path}: text_config."
+    else:
+        where = f"base LLM {path}: "
+    for f in LLM_FIELDS:
         a, b = base_cfg.get(f), getattr(text_config, f, None)
         if a is not None and b is not None and a != b:
-            raise MergeError(f"base LLM {path}: {f}={a!r} but the checkpoint's text_config has {f}={b!r}: wrong base LLM?")
+            raise MergeError(f"{where}{f}={a!r} but the checkpoint's text_config has {f}={b!r}: wrong base LLM?")
+    return vora_base
 
 
-def load_patch_embedding(checkpoint: Path, config) -> dict[str, torch.Tensor]:
+def load_patch_embedding(checkpoint: Path, config, required: bool = True) -> dict[str, torch.Tensor] | None:
     """``vision_embed.*`` from vora_trainable.safetensors (prefix stripped), checked against the config;
-    ``distill_heads.*`` dropped."""
+    ``distill_heads.*`` dropped. None when the file holds no patch embedding and ``required`` is false."""
     from safetensors.torch import load_file
 
     from vora import checkpoint as ckpt
@@ -474,53 +546,106 @@ def load_patch_embedding(checkpoint: Path, config) -> dict[str, torch.Tensor]:
         vision, _heads = ckpt.split_trainable(load_file(str(path)), str(path))
     except ckpt.CheckpointError as e:
         raise MergeError(str(e)) from e
+    if not vision and not required:
+        return None
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in VoRAPatchEmbed(config).state_dict().items()}
     ckpt_check(expected, {k: tuple(v.shape) for k, v in vision.items()}, f"{path} (patch embedding vs config.json)")
     return vision
 
 
-def write_support_files(tmp: Path, checkpoint: Path, base_dir: Path, config, target: torch.dtype, run: dict) -> None:
-    """config.json (auto_map), the vora code files, processor/tokenizer/image-processor files, generation config."""
+def inference_config(config, dtype_name: str | None = None):
+    """A copy of a VoRAConfig for a standalone model: auto_map (remote code), architectures, KV cache on,
+    optionally the stored dtype."""
     import copy
 
-    import vora
-    from transformers import GenerationConfig
-
     config = copy.deepcopy(config)
-    dtype_name = str(target).removeprefix("torch.")
     config.auto_map = dict(AUTO_MAP)
     config.architectures = ["VoRAForCausalLM"]
-    config.dtype = dtype_name
-    config.text_config.dtype = dtype_name
-    config.save_pretrained(str(tmp))
+    config.use_cache = True
+    if config.text_config is not None:
+        config.text_config.use_cache = True
+    if dtype_name is not None:
+        config.dtype = dtype_name
+        config.text_config.dtype = dtype_name
+    return config
 
-    processor = build_processor(checkpoint, base_dir, config)
-    processor.save_pretrained(str(tmp))
-    processor.image_processor.save_pretrained(str(tmp))  # preprocessor_config.json for AutoImageProcessor
+
+def write_code_files(directory: Path) -> None:
+    """Copy the model/processor code (CODE_FILES) for trust_remote_code=True."""
+    import vora
+
     package = Path(vora.__file__).parent
     for name in CODE_FILES:
         src = package / name
         text = src.read_text()
         if re.search(r"^\s*(from|import)\s+vora\b", text, flags=re.MULTILINE):
             raise MergeError(f"{src} imports the vora package absolutely; remote code must use relative imports")
-        shutil.copyfile(src, tmp / name)
+        shutil.copyfile(src, Path(directory) / name)
 
-    gen_src = next((d for d in (checkpoint, base_dir) if (d / "generation_config.json").is_file()), None)
+
+def save_inference_processor(directory: Path, processor) -> None:
+    """The processor (tokenizer padding on the left, for batched generate) + preprocessor_config.json."""
+    from vora.processing_vora import CHATML_TEMPLATE
+
+    processor.tokenizer.padding_side = "left"
+    processor.tokenizer.init_kwargs["padding_side"] = "left"
+    if processor._template_source() == "fallback":
+        processor.chat_template = CHATML_TEMPLATE  # save the template the processor uses, explicitly
+    processor.save_pretrained(str(directory))
+    processor.image_processor.save_pretrained(str(directory))  # preprocessor_config.json for AutoImageProcessor
+
+
+def write_generation_config(directory: Path, config, tokenizer, sources=()) -> None:
+    """generation_config.json: the first of ``sources`` that has one (else from the config), with the tokenizer's
+    EOS added and a pad id."""
+    from transformers import GenerationConfig
+
+    gen_src = next((Path(d) for d in sources if (Path(d) / "generation_config.json").is_file()), None)
     gen = GenerationConfig.from_pretrained(str(gen_src)) if gen_src else GenerationConfig.from_model_config(config)
-    tok = processor.tokenizer
     eos = gen.eos_token_id if gen.eos_token_id is not None else config.eos_token_id
     eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    if tok.eos_token_id is not None and tok.eos_token_id not in eos:
-        eos.append(tok.eos_token_id)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
     gen.eos_token_id = eos[0] if len(eos) == 1 else (eos or None)
     if gen.pad_token_id is None:
-        gen.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else None)
+        gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
     if gen.bos_token_id is None:
         gen.bos_token_id = config.bos_token_id
-    gen.save_pretrained(str(tmp))
+    gen.save_pretrained(str(directory))
+
+
+def write_support_files(tmp: Path, checkpoint: Path, base_dir: Path, config, target: torch.dtype, run: dict) -> None:
+    """config.json (auto_map), the vora code files, processor/tokenizer/image-processor files, generation config."""
+    config = inference_config(config, str(target).removeprefix("torch."))
+    config.save_pretrained(str(tmp))
+    processor = build_processor(checkpoint, base_dir, config)
+    save_inference_processor(tmp, processor)
+    write_code_files(tmp)
+    write_generation_config(tmp, config, processor.tokenizer, (checkpoint, base_dir))
+    base_run = base_dir / "vora_run.json"
+    if run and base_run.is_file() and json.loads((base_dir / "config.json").read_text()).get("model_type") == "vora":
+        run = {**run, "base_run": json.loads(base_run.read_text())}  # stage 2: keep how the base was made
     if run:
         (tmp / "vora_run.json").write_text(json.dumps(run, indent=2, default=str) + "\n")
+
+
+def complete_full_model(directory: str | os.PathLike, config, processor) -> None:
+    """Make a ``save_pretrained`` VoRA directory (stage-2 full fine-tuning) a standalone model like vora-merge's
+    output: config with auto_map, the code files, the processor (left padding) + preprocessor config, a generation
+    config. The processor given is not modified."""
+    import copy
+
+    directory = Path(directory)
+    saved = directory / "config.json"
+    dtype_name = json.loads(saved.read_text()).get("dtype") if saved.is_file() else None  # what save_pretrained stored
+    config = inference_config(config, dtype_name if isinstance(dtype_name, str) else None)
+    config.save_pretrained(str(directory))
+    write_code_files(directory)
+    if processor is not None:
+        processor = copy.deepcopy(processor)
+        save_inference_processor(directory, processor)
+        write_generation_config(directory, config, processor.tokenizer, (directory,))
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -536,11 +661,14 @@ def build_processor(checkpoint: Path, base_dir: Path, config):
     from transformers import AutoTokenizer
 
     from vora.image_processing_vora import VoRAImageProcessor
-    from vora.processing_vora import CHATML_TEMPLATE, VoRAProcessor
+    from vora.processing_vora import VoRAProcessor
 
     if has_tokenizer(checkpoint):
         processor = VoRAProcessor.from_pretrained(str(checkpoint))
         source = checkpoint
+    elif (base_dir / "processor_config.json").is_file() and has_tokenizer(base_dir):  # a VoRA base (stage 2)
+        processor = VoRAProcessor.from_pretrained(str(base_dir))
+        source = base_dir
     else:
         if not has_tokenizer(base_dir):
             raise MergeError(
@@ -561,11 +689,7 @@ def build_processor(checkpoint: Path, base_dir: Path, config):
             f"the image processor from {source} has patch_size={processor.image_processor.patch_size} but "
             f"config.json has patch_size={config.patch_size}"
         )
-    # A merged model is for generation: batches are padded on the left (right padding breaks generate()).
-    processor.tokenizer.padding_side = "left"
-    processor.tokenizer.init_kwargs["padding_side"] = "left"
-    if processor._template_source() == "fallback":
-        processor.chat_template = CHATML_TEMPLATE  # save the template the processor uses, explicitly
+    # A merged model is for generation: save_inference_processor pads batches on the left.
     return processor
 
 

@@ -10,7 +10,11 @@ A checkpoint directory (see DEVELOPERS.md) holds
 - ``vora_run.json``: ``{"base_llm": ..., "teacher": ..., "recipe": {...}}``;
 - the processor's files (tokenizer, chat template, image-processor config) when a processor is given.
 
-The base LLM's weights are never copied: ``vora_run.json`` says where they are.
+The base LLM's weights are never copied: ``vora_run.json`` says where they are. The base is a text LLM (stage 1)
+or a merged VoRA directory (stage 2: keys ``language_model.*`` + ``vision_embed.*``, ``model_type: vora``).
+
+A run whose LLM was frozen saves no adapter (``vora_run.json``: ``trainable.llm: frozen``); a run that trained the
+whole LLM saves a full model (``save_pretrained``), which needs no merge. :func:`checkpoint_kind` tells them apart.
 
 :func:`save_trainable` writes a new directory atomically (temp directory next to it, then rename).
 :func:`write_trainable` writes the same files into an existing directory (e.g. the ``checkpoint-N``
@@ -160,6 +164,73 @@ def require_files(directory: str | os.PathLike, names=(ADAPTER_WEIGHTS, ADAPTER_
     return directory
 
 
+def is_full_model(directory: str | os.PathLike) -> bool:
+    """A ``save_pretrained`` directory (``model.safetensors`` or its sharded index)."""
+    directory = Path(directory)
+    return (directory / "model.safetensors").is_file() or (directory / "model.safetensors.index.json").is_file()
+
+
+def checkpoint_kind(directory: str | os.PathLike, run: dict | None = None) -> str:
+    """What a checkpoint directory holds, its files checked:
+
+    - ``"lora"``: peft adapter + ``vora_trainable.safetensors`` + ``config.json`` (LoRA on the LLM);
+    - ``"frozen"``: no adapter, the LLM was frozen (``vora_run.json``: ``trainable.llm: frozen``): only the patch
+      embedding (and distillation heads) trained;
+    - ``"full"``: a full model (``trainable.llm: full``, ``save_pretrained``): nothing to merge.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    if not (directory / ADAPTER_WEIGHTS).is_file() and not (directory / ADAPTER_CONFIG).is_file():
+        if run is None:
+            run = json.loads((directory / RUN_FILE).read_text()) if (directory / RUN_FILE).is_file() else {}
+        llm = (run.get("trainable") or {}).get("llm")
+        if is_full_model(directory) and (directory / CONFIG).is_file():
+            return "full"
+        if llm == "frozen":
+            require_files(directory, (TRAINABLE_WEIGHTS, CONFIG))
+            return "frozen"
+    require_files(directory)
+    return "lora"
+
+
+def base_is_vora(base: str | os.PathLike) -> bool:
+    """Whether ``base`` (a local directory) is a merged VoRA model (stage 2) rather than a text LLM."""
+    path = Path(base) / CONFIG
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("model_type") == "vora"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def check_base_stage(run: dict, vora_base: bool, base) -> None:
+    """A stage-2 run's checkpoint belongs on the merged VoRA model it was trained from, a stage-1 run's on a text
+    LLM (``vora_run.json`` records the stage; older checkpoints without it are not checked)."""
+    stage = run.get("stage")
+    if stage == 2 and not vora_base:
+        raise CheckpointError(f"the checkpoint is from a stage-2 run (trained on the merged VoRA model {run.get('base_llm')}), "
+                              f"but the base {base} is a text LLM: use the VoRA model it was trained from")
+    if stage == 1 and vora_base:
+        raise CheckpointError(f"the checkpoint is from a stage-1 run (trained on the text LLM {run.get('base_llm')}), "
+                              f"but the base {base} is a merged VoRA model: use the LLM it was trained from")
+
+
+def check_same_geometry(config, base_config, what: str) -> None:
+    """A stage-2 checkpoint's VoRAConfig must describe the VoRA base it was trained from."""
+    fields = ("patch_size", "vision_embed_dim", "position_grid", "image_token_id")
+    for f in fields:
+        a, b = getattr(base_config, f, None), getattr(config, f, None)
+        if a != b:
+            raise CheckpointError(f"{what}: {f}={a!r} but the checkpoint's config.json has {f}={b!r}: wrong base?")
+    for f in ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads"):
+        a, b = getattr(base_config.text_config, f, None), getattr(config.text_config, f, None)
+        if a is not None and b is not None and a != b:
+            raise CheckpointError(f"{what}: text_config.{f}={a!r} but the checkpoint's text_config has {f}={b!r}: wrong base?")
+
+
 def split_trainable(tensors: dict[str, torch.Tensor], source="vora_trainable.safetensors"):
     """``(vision_embed state dict, distill_heads state dict)`` with prefixes stripped; other keys refused."""
     vision, heads, bad = {}, {}, []
@@ -199,8 +270,13 @@ def load_trainable(
     attn_implementation: str | None = None,
     is_trainable: bool = False,
 ):
-    """Rebuild the unmerged training model from a checkpoint: base LLM (``base`` or ``vora_run.json``'s
-    ``base_llm``) + peft LoRA + patch embedding, every key checked (no ``strict=False``).
+    """Rebuild the unmerged training model from a checkpoint: base (``base`` or ``vora_run.json``'s ``base_llm``)
+    + peft LoRA + patch embedding, every key checked (no ``strict=False``).
+
+    The base is a text LLM (stage 1) or a merged VoRA directory (stage 2). In stage 2 the patch embedding comes
+    from the checkpoint when the run trained it (``vora_run.json``: ``trainable.patch_embed``), else from the base.
+    A checkpoint of a frozen-LLM run has no adapter: the LLM is the base's as it is. A full-model checkpoint
+    (stage-2 full fine-tuning) is loaded as it is.
 
     Returns ``(model, heads_state_dict)``; the heads' state dict is for training to restore.
     """
@@ -210,38 +286,65 @@ def load_trainable(
     from .configuration_vora import VoRAConfig
     from .modeling_vora import VoRAForCausalLM
 
-    directory = require_files(directory)
-    base = base or read_run(directory)["base_llm"]
-    config = VoRAConfig.from_pretrained(str(directory))
+    directory = Path(directory)
+    run = json.loads((directory / RUN_FILE).read_text()) if (directory / RUN_FILE).is_file() else {}
+    kind = checkpoint_kind(directory, run)
     kwargs = {}
     if dtype is not None:
         kwargs["dtype"] = dtype
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    llm = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    trainable_path = directory / TRAINABLE_WEIGHTS
+    if kind == "full":
+        model = VoRAForCausalLM.from_pretrained(str(directory), **kwargs)
+        heads = split_trainable(load_file(str(trainable_path)), str(trainable_path))[1] if trainable_path.is_file() else {}
+        if not is_trainable:
+            model.eval()
+        return model, heads
+
+    base = base or read_run(directory)["base_llm"]
+    config = VoRAConfig.from_pretrained(str(directory))
+    base_vision = None
+    stage2 = base_is_vora(base)
+    check_base_stage(run, stage2, base)
+    if stage2:  # a merged VoRA model
+        vora_base = VoRAForCausalLM.from_pretrained(str(base), **kwargs)
+        check_same_geometry(config, vora_base.config, f"VoRA base {base}")
+        llm = vora_base.language_model
+        base_vision = vora_base.vision_embed.state_dict()
+        del vora_base
+    else:
+        llm = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     impl = llm.config._attn_implementation
     config.text_config = llm.config
     model = VoRAForCausalLM(config, language_model=llm)
     model.set_attn_implementation(impl)
 
-    vision, heads = split_trainable(load_file(str(directory / TRAINABLE_WEIGHTS)))
+    vision, heads = split_trainable(load_file(str(trainable_path)), str(trainable_path))
+    patch_trained = (run.get("trainable") or {}).get("patch_embed", True)
+    if base_vision is not None and (not vision or patch_trained is False):
+        vision = base_vision
+        source = f"{base} (patch embedding of the VoRA base)"
+    else:
+        source = f"{trainable_path} (patch embedding)"
     expected = {k: tuple(v.shape) for k, v in model.vision_embed.state_dict().items()}
-    check_state_dict(expected, {k: tuple(v.shape) for k, v in vision.items()}, f"{directory / TRAINABLE_WEIGHTS} (patch embedding)")
+    check_state_dict(expected, {k: tuple(v.shape) for k, v in vision.items()}, source)
     model.vision_embed.load_state_dict(vision, strict=True)
     model.vision_embed.to(llm.dtype)
 
-    lora_cfg = LoraConfig.from_pretrained(str(directory))
-    lora_cfg.inference_mode = not is_trainable
-    model.language_model = get_peft_model(llm, lora_cfg)
-    adapter = load_file(str(directory / ADAPTER_WEIGHTS))
-    result = set_peft_model_state_dict(model.language_model, adapter)
-    unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    missing = [k for k in (getattr(result, "missing_keys", []) or []) if "lora_" in k]
-    if unexpected or missing:
-        raise CheckpointError(
-            f"{directory / ADAPTER_WEIGHTS}: adapter does not fit {base}: "
-            f"unexpected {unexpected[:5]}, missing {missing[:5]}"
-        )
+    if kind == "lora":
+        lora_cfg = LoraConfig.from_pretrained(str(directory))
+        lora_cfg.inference_mode = not is_trainable
+        model.language_model = get_peft_model(llm, lora_cfg)
+        adapter = load_file(str(directory / ADAPTER_WEIGHTS))
+        result = set_peft_model_state_dict(model.language_model, adapter)
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        missing = [k for k in (getattr(result, "missing_keys", []) or []) if "lora_" in k]
+        if unexpected or missing:
+            raise CheckpointError(
+                f"{directory / ADAPTER_WEIGHTS}: adapter does not fit {base}: "
+                f"unexpected {unexpected[:5]}, missing {missing[:5]}"
+            )
     if not is_trainable:
         model.eval()
     return model, heads

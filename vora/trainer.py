@@ -9,7 +9,8 @@ share of the step's images. The logged ``loss`` is therefore the step's objectiv
 
 Checkpoints (``output_dir/checkpoint-N``): the trainable weights only — peft adapter, ``vora_trainable.safetensors``
 (patch embedding, distillation heads), ``config.json``, ``vora_run.json``, the processor — or, when the whole
-LLM trains, the full model (``save_pretrained``, sharded safetensors); plus optimizer / scheduler / RNG /
+LLM trains, the full model (``save_pretrained``, sharded safetensors, made standalone like vora-merge's output:
+config ``auto_map``, code files, processor, generation config — it needs no merge); plus optimizer / scheduler / RNG /
 trainer state for resuming. Never the teacher, never frozen LLM weights. Each checkpoint is written into
 ``.tmp-checkpoint-N`` and renamed when complete, so ``checkpoint-N`` is whole or absent.
 
@@ -318,6 +319,11 @@ class VoRATrainer(Trainer):
                 vora_sd = {k[len("vora."):]: v for k, v in state.items() if k.startswith("vora.")}
                 heads = {k: v for k, v in state.items() if k.startswith("distill_heads.")}
                 vora.save_pretrained(directory, state_dict=vora_sd, max_shard_size="5GB")
+                # A standalone model like vora-merge's output (no merge needed): auto_map + code files for
+                # trust_remote_code, processor padding on the left, generation config.
+                from merge_tools.merge import complete_full_model
+
+                complete_full_model(directory, vora.config, self.vora_processor)
                 if heads:
                     save_file({k: v.contiguous() for k, v in heads.items()}, os.path.join(directory, TRAINABLE_WEIGHTS), metadata={"format": "pt"})
         else:
@@ -341,7 +347,7 @@ class VoRATrainer(Trainer):
             with open(os.path.join(directory, RUN_FILE), "w") as f:
                 json.dump(self.run_info, f, indent=2, default=str)
                 f.write("\n")
-            if self.vora_processor is not None:
+            if self.vora_processor is not None and self.save_mode != "full":  # full: saved by complete_full_model
                 self.vora_processor.save_pretrained(directory)
 
     def _full_state_dict(self) -> dict[str, torch.Tensor]:
