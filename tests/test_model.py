@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tests.tiny import IMAGE_TOKEN_ID, VOCAB, save_tiny_llm
+from tests.vora_world import make_batch as world_make_batch
 from vora import VoRAConfig, VoRAForCausalLM
 from vora.mask import image_block_ids
 
@@ -13,28 +14,8 @@ P = 2  # patch size
 def make_batch(rows, padding_side, seed=0):
     """rows: list of lists of items, each an int (that many text tokens) or (h, w) (an image grid).
     Returns input_ids, attention_mask, pixel_values, image_grid_hw built in the documented contract."""
-    g = torch.Generator().manual_seed(seed)
-    seqs, grids = [], []
-    for row in rows:
-        ids = []
-        for item in row:
-            if isinstance(item, int):
-                ids += torch.randint(3, VOCAB, (item,), generator=g).tolist()
-            else:
-                grids.append(item)
-                ids += [IMAGE_TOKEN_ID] * (item[0] * item[1])
-        seqs.append(ids)
-    L = max(map(len, seqs))
-    input_ids = torch.zeros(len(seqs), L, dtype=torch.long)
-    attention_mask = torch.zeros(len(seqs), L, dtype=torch.long)
-    for b, ids in enumerate(seqs):
-        sl = slice(0, len(ids)) if padding_side == "right" else slice(L - len(ids), L)
-        input_ids[b, sl] = torch.tensor(ids)
-        attention_mask[b, sl] = 1
-    n_patches = sum(h * w for h, w in grids)
-    pixel_values = torch.randn(n_patches, 3 * P * P, generator=g)
-    image_grid_hw = torch.tensor(grids, dtype=torch.long).reshape(-1, 2)
-    return input_ids, attention_mask, pixel_values, image_grid_hw
+    b = world_make_batch(rows, padding_side, IMAGE_TOKEN_ID, VOCAB, p=P, seed=seed, low=3)
+    return b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_hw"]
 
 
 def dense_reference_mask(input_ids, attention_mask, image_grid_hw, bidirectional=True):

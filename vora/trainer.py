@@ -44,7 +44,7 @@ RUN_FILE = "vora_run.json"
 TRAINER_STATE = "trainer_state.json"
 
 
-from .checkpoint import CheckpointError, write_trainable  # noqa: E402  (same format and errors as vora-merge reads)
+from .checkpoint import CheckpointError, check_state_dict, write_trainable  # noqa: E402  (same format and errors as vora-merge reads)
 
 
 def _is_zero3_param(p) -> bool:
@@ -70,22 +70,6 @@ def _barrier():
 
 def _shape(p) -> tuple:
     return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
-
-
-def check_keys(expected: dict[str, tuple], got: dict[str, tuple], what: str) -> None:
-    """Raise :class:`CheckpointError` naming missing, unexpected and mis-shaped keys."""
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    shapes = [(k, got[k], expected[k]) for k in sorted(set(expected) & set(got)) if tuple(got[k]) != tuple(expected[k])]
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {missing[:8]}{' …' if len(missing) > 8 else ''}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected[:8]}{' …' if len(unexpected) > 8 else ''}")
-    for k, g, e in shapes[:8]:
-        problems.append(f"shape mismatch for {k}: checkpoint {list(g)}, model {list(e)}")
-    if problems:
-        raise CheckpointError(f"{what}: " + "; ".join(problems))
 
 
 def _read_safetensors_shapes(path: str) -> dict[str, tuple]:
@@ -497,7 +481,7 @@ class VoRATrainer(Trainer):
         path = os.path.join(checkpoint, TRAINABLE_WEIGHTS)
         if not os.path.isfile(path):
             raise CheckpointError(f"{checkpoint}: {TRAINABLE_WEIGHTS} missing (not a VoRA training checkpoint?)")
-        check_keys(rest_expected, _read_safetensors_shapes(path), path)
+        check_state_dict(rest_expected, _read_safetensors_shapes(path), path)
         tensors.update(_read_safetensors(path))
         adapter_path = os.path.join(checkpoint, ADAPTER_WEIGHTS)
         if lm_expected or os.path.isfile(adapter_path):
@@ -511,7 +495,7 @@ class VoRATrainer(Trainer):
                 short = k[len("language_model."):].replace(f".{adapter_name}.", ".")
                 to_model[short] = k
             got = _read_safetensors_shapes(adapter_path)
-            check_keys({s: lm_expected[k] for s, k in to_model.items()}, got, adapter_path)
+            check_state_dict({s: lm_expected[k] for s, k in to_model.items()}, got, adapter_path)
             for s, t in _read_safetensors(adapter_path).items():
                 tensors[to_model[s]] = t
         return tensors
@@ -543,7 +527,7 @@ class VoRATrainer(Trainer):
             present = [n for n in names if n in got]
             for n in present or names[:1]:
                 expected[n] = shapes[n]
-        check_keys(expected, got, f"{checkpoint} (full model)")
+        check_state_dict(expected, got, f"{checkpoint} (full model)")
         tensors = {}
         for p in paths:
             tensors.update(_read_safetensors(p))
@@ -552,6 +536,6 @@ class VoRATrainer(Trainer):
             want = {n: _shape(p) for n, p in self.train_model.distill_heads.named_parameters(prefix="distill_heads")}
             if not os.path.isfile(heads_path):
                 raise CheckpointError(f"{checkpoint}: {TRAINABLE_WEIGHTS} (distillation heads) missing")
-            check_keys(want, _read_safetensors_shapes(heads_path), heads_path)
+            check_state_dict(want, _read_safetensors_shapes(heads_path), heads_path)
             tensors.update(_read_safetensors(heads_path))
         return tensors
