@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The embedded demo: gives a tiny text LLM eyes with VoRA on a synthetic shapes corpus, on CPU.
+#   bash scripts/demo.sh                 # ≤ 10 min on 2 cores: corpus, stand-in LLM + teacher, stage 1, merge, held-out accuracy
+#   bash scripts/demo.sh --fast          # ~2–3 min, lower bar
+#   bash scripts/demo.sh --no-distill | --attention causal | --lora-layers K    # ablations
+#   bash scripts/demo.sh --compare       # default + the three ablations, one table
+# Creates .venv on first use (torch==2.14.1 + torchvision==0.29.1 first, then `pip install -e .[test]`);
+# later runs skip what is installed. Everything it writes goes to demo_out/ (or --out DIR).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+# OpenMP threads that spin-wait make training several times slower when the 2 cores are shared.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+exec .venv/bin/python -m vora.demo "$@"

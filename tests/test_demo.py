@@ -1,0 +1,154 @@
+"""The embedded demo (scripts/demo.sh → python -m vora.demo): corpus, stand-ins, flags, and the --fast path end
+to end (deepspeed launcher → vora-merge → Auto classes → generate) learning above its bar."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from vora.config import load_recipe
+from vora.demo import corpus as C
+from vora.demo import pretrain as P
+from vora.demo import run as R
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "corpus"
+    C.generate(str(out), n_train=60, n_heldout=12, text_fraction=0.1, seed=3, log=lambda m: None)
+    return out
+
+
+def _rows(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_corpus_is_llava_jsonl_with_text_only_rows_and_a_heldout_split(small_corpus):
+    train = _rows(small_corpus / "train.jsonl")
+    held = _rows(small_corpus / "heldout.jsonl")
+    image_rows = [r for r in train if "image" in r]
+    text_rows = [r for r in train if "image" not in r]
+    assert len(image_rows) == 60 and len(text_rows) == 6
+    for r in train:
+        conv = r["conversations"]
+        assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
+        assert all(isinstance(t["value"], str) and t["value"] for t in conv)
+        n_placeholders = sum(t["value"].count("<image>") for t in conv)
+        if "image" in r:
+            assert conv[0]["value"].startswith("<image>\n") and n_placeholders == 1
+            # every image row needs the shape: a shape question or a caption (which names the shape)
+            questions = " ".join(t["value"] for t in conv[0::2])
+            assert "shape" in questions or any(q in questions for q in C.CAPTION_PROMPTS)
+        else:
+            assert n_placeholders == 0
+    assert {r["attribute"] for r in held} == set(C.ATTRIBUTES)
+    train_images = {r["image"] for r in image_rows}
+    assert not train_images & {r["image"] for r in held}
+    vocab = {"colour": set(C.COLOURS), "shape": set(C.SHAPES), "count": set(C.COUNT_WORDS.values()), "size": set(C.SIZES)}
+    for r in held:
+        assert r["answer"] in vocab[r["attribute"]] and r["conversations"][1]["value"] == r["answer"]
+
+
+def test_images_vary_in_size_and_aspect_ratio(small_corpus):
+    sizes = [Image.open(small_corpus / r["image"]).size for r in _rows(small_corpus / "images.jsonl")]
+    assert all(40 <= w <= 84 and 40 <= h <= 84 for w, h in sizes)
+    ratios = [w / h for w, h in sizes]
+    assert min(ratios) < 0.8 and max(ratios) > 1.25
+    labels = _rows(small_corpus / "images.jsonl")
+    assert {r["count"] for r in labels} == {1, 2, 3} and {r["size"] for r in labels} == set(C.SIZES)
+
+
+def test_corpus_is_reused_and_deterministic(small_corpus, tmp_path):
+    logs = []
+    C.generate(str(small_corpus), n_train=60, n_heldout=12, text_fraction=0.1, seed=3, log=logs.append)
+    assert logs and "reusing" in logs[0]
+    other = tmp_path / "again"
+    C.generate(str(other), n_train=60, n_heldout=12, text_fraction=0.1, seed=3, log=lambda m: None)
+    assert (other / "train.jsonl").read_text() == (small_corpus / "train.jsonl").read_text()
+
+
+def test_tokenizer_is_word_level_with_chat_template(small_corpus, tmp_path):
+    from transformers import AutoTokenizer
+
+    P.build_tokenizer(str(tmp_path / "tok"))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    assert tok.chat_template and tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    ids = tok("<image><image>\nWhat colour is it?", add_special_tokens=False)["input_ids"]
+    image_id = tok.convert_tokens_to_ids("<image>")
+    assert ids[:2] == [image_id, image_id]
+    assert tok.decode(ids[2:]) == "What colour is it?"
+    # every word of the corpus is known (no [UNK])
+    for r in _rows(small_corpus / "train.jsonl") + _rows(small_corpus / "heldout.jsonl"):
+        for t in r["conversations"]:
+            assert tok.unk_token_id not in tok(t["value"], add_special_tokens=False)["input_ids"], t["value"]
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_flags_map_to_recipe_overrides_that_validate():
+    args = R.parse_args(["--no-distill", "--attention", "causal", "--lora-layers", "2"])
+    v = R.variant_from_args(args)
+    assert v.ablation and v.name == "no-distill+causal+lora-2"
+    assert v.overrides == ["distill=null", "model.attention_mode=causal", "lora.layers=2"]
+    assert not R.variant_from_args(R.parse_args([])).ablation
+    variants = R.compare_variants(2)
+    assert [x.name for x in variants] == ["vora", "no-distill", "causal", "lora-2"]
+    for x in variants:
+        recipe = load_recipe(str(R.RECIPE), x.overrides)
+        if x.name == "no-distill":
+            assert recipe.distill is None
+        if x.name == "lora-2":
+            assert recipe.lora.layers == 2 and recipe.distill.num_blocks == 2
+        if x.name == "causal":
+            assert recipe.model.attention_mode == "causal"
+    base = load_recipe(str(R.RECIPE))
+    assert base.lora.layers == 4 and base.distill.num_blocks == 3 and base.model.attention_mode == "bidirectional"
+    with pytest.raises(SystemExit):
+        R.parse_args(["--compare", "--no-distill"])
+
+
+def test_compare_table_and_steps_to_80():
+    curve = [{"step": 100, "colour": 0.9, "shape": 0.5}, {"step": 200, "colour": 0.95, "shape": 0.85}]
+    assert R.steps_to(curve) == 200 and R.steps_to(curve[:1]) is None
+    acc = {"colour": 1.0, "shape": 0.9, "count": 0.8, "size": 0.7, "all": 0.85}
+    rows = [
+        {"label": "VoRA (default)", "accuracy": acc, "final_losses": {"lm_loss": 0.2, "distill_loss": 0.1},
+         "steps_to_80": 200, "steps": 800, "train_seconds": 100.0},
+        {"label": "--no-distill", "accuracy": acc, "final_losses": {"lm_loss": 0.3, "distill_loss": None},
+         "steps_to_80": None, "steps": 800, "train_seconds": 90.0},
+    ]
+    text = R.print_compare(rows)
+    assert "VoRA (default)" in text and "> 800" in text and "—" in text
+
+
+@pytest.mark.skipif(os.environ.get("VORA_SKIP_DEMO") == "1", reason="VORA_SKIP_DEMO=1")
+def test_fast_demo_learns_end_to_end(tmp_path):
+    """The whole pipeline on the small budget: corpus → stand-ins → deepspeed stage 1 → vora-merge →
+    AutoModelForCausalLM(trust_remote_code) + generate. Colour must be learned well above chance (1/6)."""
+    out = tmp_path / "demo"
+    env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "vora.demo", "--fast", "--out", str(out)], cwd=str(REPO), env=env,
+                          capture_output=True, text=True, timeout=900)
+    wall = time.time() - t0
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    result = json.loads((out / "results" / "vora.json").read_text())
+    acc = result["accuracy"]
+    assert acc["colour"] >= 0.60, acc
+    assert acc["all"] > 0.40, acc
+    assert "held-out accuracy" in proc.stdout and "loss curve:" in proc.stdout
+    assert Path(result["loss_curve"]).is_file()
+    merged = Path(result["merged"])
+    cfg = json.loads((merged / "config.json").read_text())
+    assert cfg["model_type"] == "vora" and "AutoModelForCausalLM" in cfg["auto_map"]
+    assert not list(merged.glob("adapter_*")), "the merged model must carry no adapter"
+    assert [p["step"] for p in result["learning_curve"]] == [50, 100, 150, 200]
+    print(f"fast demo: {wall:.0f} s, accuracy {acc}")
