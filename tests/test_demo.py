@@ -152,3 +152,18 @@ def test_fast_demo_learns_end_to_end(tmp_path):
     assert not list(merged.glob("adapter_*")), "the merged model must carry no adapter"
     assert [p["step"] for p in result["learning_curve"]] == [50, 100, 150, 200]
     print(f"fast demo: {wall:.0f} s, accuracy {acc}")
+
+
+def test_compare_reuses_only_identical_finished_runs(tmp_path):
+    preset = dict(R.PRESETS["fast"])
+    v, w = R.compare_variants(2)[:2]
+    fp = R.fingerprint(tmp_path, v, preset, 200, 0)
+    assert fp == R.fingerprint(tmp_path, v, preset, 200, 0)
+    assert len({fp, R.fingerprint(tmp_path, w, preset, 200, 0), R.fingerprint(tmp_path, v, preset, 300, 0),
+                R.fingerprint(tmp_path, v, preset, 200, 1)}) == 4
+    assert R.reusable(tmp_path, v, fp) is None
+    (tmp_path / "results").mkdir()
+    (tmp_path / "merged" / "vora").mkdir(parents=True)
+    (tmp_path / "results" / "vora.json").write_text(json.dumps({"fingerprint": fp, "merged": str(tmp_path / "merged" / "vora")}))
+    assert R.reusable(tmp_path, v, fp) is not None
+    assert R.reusable(tmp_path, v, R.fingerprint(tmp_path, v, preset, 300, 0)) is None

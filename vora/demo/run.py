@@ -351,8 +351,36 @@ def print_compare(results: list[dict]) -> str:
 # ------------------------------------------------------------------------------------------------
 # main
 # ------------------------------------------------------------------------------------------------
-def run_variant(out: Path, variant: Variant, preset: dict, steps: int, seed: int, clock: Clock, samples: bool) -> dict:
+def fingerprint(out: Path, variant: Variant, preset: dict, steps: int, seed: int) -> str:
+    """What a finished run depends on: the recipe, the variant, the budget, the seed and the stand-ins."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(RECIPE.read_bytes())
+    h.update(json.dumps([variant.overrides, preset, steps, seed], sort_keys=True).encode())
+    for f in (out / "corpus" / "meta.json", out / "llm" / "demo_settings.json", out / "teacher" / "demo_settings.json"):
+        h.update(f.read_bytes() if f.exists() else b"-")
+    return h.hexdigest()[:16]
+
+
+def reusable(out: Path, variant: Variant, fp: str) -> dict | None:
+    path = out / "results" / f"{variant.name}.json"
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    if result.get("fingerprint") != fp or not Path(result.get("merged", "")).is_dir():
+        return None
+    return result
+
+
+def run_variant(out: Path, variant: Variant, preset: dict, steps: int, seed: int, clock: Clock, samples: bool,
+                reuse: bool = False) -> dict:
     corpus_dir = out / "corpus"
+    fp = fingerprint(out, variant, preset, steps, seed)
+    if reuse and (done := reusable(out, variant, fp)) is not None:
+        say(f"\n[3–5] {variant.label}: reusing the finished run in {rel(out / 'results' / (variant.name + '.json'))} "
+            "(same recipe, budget, seed and stand-ins)")
+        return done
     say(f"\n[3] VoRA stage 1 — {variant.label}: frozen LLM + LoRA + patch embedding" + ("" if "distill=null" in variant.overrides else ", distilled from the teacher"))
     run_dir = train_stage1(out, variant, preset, steps, seed, clock)
     curve = learning_curve(run_dir, corpus_dir, preset["curve_questions"], clock)
@@ -374,7 +402,7 @@ def run_variant(out: Path, variant: Variant, preset: dict, steps: int, seed: int
     say(f"\n  loss curve: {rel(png) if png.exists() else '(not written)'}")
     result = {
         "variant": variant.name, "label": variant.label, "overrides": variant.overrides, "steps": steps,
-        "accuracy": acc, "learning_curve": curve, "steps_to_80": s80, "final_losses": final_losses(run_dir),
+        "fingerprint": fp, "accuracy": acc, "learning_curve": curve, "steps_to_80": s80, "final_losses": final_losses(run_dir),
         "train_seconds": clock.parts.get(f"stage 1 ({variant.name})", 0.0), "merged": str(merged),
         "loss_curve": str(png), "bars": bars, "failed_bars": check_bars(acc, bars) if bars else [],
         "samples": [{"image": r["image"], "question": r["question"], "answer": a, "truth": r["answer"]} for r, a in list(zip(rows, answers))[:20]],
@@ -422,7 +450,9 @@ def main(argv=None) -> int:
             "teacher (supervised on the attributes)")
         prepare(out, preset, args.seed, clock)
         variants = compare_variants(args.compare_lora_layers) if args.compare else [variant_from_args(args)]
-        results = [run_variant(out, v, preset, steps, args.seed, clock, samples=not args.compare or v.name == "vora") for v in variants]
+        # --compare reuses variants already finished with the same recipe, budget, seed and stand-ins
+        results = [run_variant(out, v, preset, steps, args.seed, clock, samples=not args.compare or v.name == "vora",
+                               reuse=args.compare) for v in variants]
     except StageError as e:
         say(f"\ndemo: FAILED: {e}")
         return 1
