@@ -50,7 +50,10 @@ def llm_config(arch: str, vocab: int, layers=4, hidden=64, tie=False):
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=tie,
     )
-    return Qwen2Config(**common) if arch == "qwen2" else LlamaConfig(**common)
+    configs = {"qwen2": Qwen2Config, "llama": LlamaConfig}
+    if arch not in configs:
+        raise ValueError(f"arch must be one of {sorted(configs)}, got {arch!r}")
+    return configs[arch](**common)
 
 
 def save_llm(path: Path, arch: str, vocab: int, tokenizer=None, tie=False, seed=0, **kw) -> Path:
