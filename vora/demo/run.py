@@ -385,7 +385,7 @@ def run_variant(out: Path, variant: Variant, preset: dict, steps: int, seed: int
     run_dir = train_stage1(out, variant, preset, steps, seed, clock)
     curve = learning_curve(run_dir, corpus_dir, preset["curve_questions"], clock)
     say(f"  held-out accuracy of the checkpoints ({preset['curve_questions']} questions, colour / shape): "
-        + ", ".join(f"{p['step']}: {100 * p['colour']:.0f}/{100 * p['shape']:.0f}" for p in curve))
+        + ", ".join(f"{p['step']}: {100 * p['colour']:.1f}/{100 * p['shape']:.1f}" for p in curve))  # .1f: 79.5 is not 80
     say(f"\n[4] merge (LoRA folded into the LLM; teacher and heads dropped) — {variant.label}")
     merged = merge(out, run_dir, variant, clock)
     acc, rows, answers, cls = evaluate_merged(merged, corpus_dir, clock)
