@@ -233,7 +233,24 @@ def test_resume_is_exact_and_skips_without_loading(world, zero2_run):
     assert report["ok"] + report["skipped_total"] <= (2 + 1) * 2
 
 
-def test_gradient_accumulation_and_two_processes_match(world, zero2_run):
+def run_launcher(world: Path, out: Path, nproc=2, timeout=400, **extra) -> subprocess.CompletedProcess:
+    """The deepspeed launcher with ``nproc`` CPU processes (what a user runs)."""
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(_free_port()),
+           "--module", "vora.train", str(TINY), *_base_overrides(world, out, **extra)]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(single=False), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{proc.stdout[-6000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def two_procs_run(world):
+    """4 steps on 2 processes × 1 sample (ZeRO-2), checkpoint at step 4."""
+    two = world / "two_procs"
+    run_launcher(world, two, **{"train.per_device_train_batch_size": 1, "train.max_steps": 4, "train.save_steps": 4})
+    return two
+
+
+def test_gradient_accumulation_and_two_processes_match(world, zero2_run, two_procs_run):
     """The same 4 steps as 1 process × 2 samples, as 1 process × 1 sample × 2 accumulation steps, and as 2 processes
     × 1 sample through the deepspeed launcher: LM loss is normalised over the step's tokens and distillation over
     the step's images, so all three give the same losses and gradients (some micro-batches are text-only or empty)."""
@@ -241,13 +258,7 @@ def test_gradient_accumulation_and_two_processes_match(world, zero2_run):
     ga = world / "ga"
     run_main(world, ga, **{"train.per_device_train_batch_size": 1, "train.gradient_accumulation_steps": 2, "train.max_steps": 4,
                            "train.save_steps": 100})
-    two = world / "two_procs"
-    port = _free_port()
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module", "vora.train",
-           str(TINY), *_base_overrides(world, two, **{"train.per_device_train_batch_size": 1, "train.max_steps": 4,
-                                                      "train.save_steps": 4})]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(single=False), capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, f"{proc.stdout[-6000:]}\n{proc.stderr[-4000:]}"
+    two = two_procs_run
     # the sampler's order (seed 0): some step pairs a text-only micro-batch with an image one
     g = torch.Generator()
     g.manual_seed(0)
@@ -261,6 +272,54 @@ def test_gradient_accumulation_and_two_processes_match(world, zero2_run):
     ck = two / "checkpoint-4"
     assert (ck / "rng_state_0.pth").exists() and (ck / "rng_state_1.pth").exists()
     assert len(list(ck.glob("global_step4/*optim_states.pt"))) == 2
+
+
+def test_resume_on_another_number_of_ranks(world, zero2_run, two_procs_run):
+    """ZeRO partitions the optimizer state by rank; a checkpoint written by 2 ranks resumes on 1 (and one written by
+    1 on 2) through DeepSpeed's universal format, exactly: steps 5–6 equal the uninterrupted 1-rank run's, Adam's
+    moments included (step 6 depends on them). Samples per step must stay the same; otherwise a clear error."""
+    out, _ = zero2_run
+    ref = step_logs(out)
+    keys = ("loss", "lm_loss", "distill_loss", "grad_norm", "learning_rate")
+    # 2 ranks × 1 sample → 1 rank × 2 samples
+    one = world / "resume_2_to_1"
+    run_main(world, one, **{"train.resume_from_checkpoint": str(two_procs_run / "checkpoint-4"), "train.save_steps": 2})
+    assert_same_steps(ref, step_logs(one), [5, 6], keys=keys, rtol=2e-5, atol=2e-5)
+    converted = one / ".universal" / "checkpoint-4"
+    assert (converted / "global_step4_universal" / "zero").is_dir()
+    assert not [p for p in (one / ".universal").iterdir() if p.name != "checkpoint-4"]  # no temporary leftovers
+    # 1 rank × 2 samples → 2 ranks × 1 sample, through the launcher
+    two = world / "resume_1_to_2"
+    run_launcher(world, two, **{"train.per_device_train_batch_size": 1, "train.save_steps": 2,
+                                "train.resume_from_checkpoint": str(out / "checkpoint-4")})
+    assert_same_steps(ref, step_logs(two), [5, 6], keys=keys, rtol=2e-5, atol=2e-5)
+    # another number of samples per step would skip the wrong data: refused, naming the keys
+    code = "import sys; from vora.train import main; sys.exit(main(sys.argv[1:]))"
+    cmd = [sys.executable, "-c", code, str(TINY), *_base_overrides(world, world / "resume_bad", **{
+        "train.per_device_train_batch_size": 1, "train.resume_from_checkpoint": str(out / "checkpoint-4")})]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "vora-train: error:" in proc.stderr and "written with 2 samples per step" in proc.stderr, proc.stderr[-3000:]
+    assert "train.per_device_train_batch_size" in proc.stderr and not (world / "resume_bad" / "checkpoint-6").exists()
+
+
+def test_zero3_two_processes_then_resume_on_one(world, zero2_run):
+    """ZeRO-3 on 2 processes: every rank must call the same modules in the same order (DeepSpeed checks it), also
+    when one rank's micro-batch is text-only or empty (the dummy image enters where real images do). Its losses
+    equal the 1-process ZeRO-2 run's; resumed on 1 process (universal checkpoint, each parameter group with its own
+    Adam step counter) steps 5–6 equal it too."""
+    out, _ = zero2_run
+    ref = step_logs(out)
+    keys = ("loss", "lm_loss", "distill_loss", "grad_norm", "learning_rate")
+    z3 = world / "zero3_two_procs"
+    extra = {"train.deepspeed": "ds_configs/zero3.json", "train.per_device_train_batch_size": 1, "train.max_steps": 4,
+             "train.save_steps": 4}
+    run_launcher(world, z3, **extra)
+    assert_same_steps(ref, step_logs(z3), [1, 2, 3, 4], keys=keys, rtol=2e-5, atol=2e-5)
+    resumed = world / "zero3_resumed_on_one"
+    run_main(world, resumed, **{"train.deepspeed": "ds_configs/zero3.json", "train.save_steps": 2,
+                                "train.resume_from_checkpoint": str(z3 / "checkpoint-4")})
+    assert_same_steps(ref, step_logs(resumed), [5, 6], keys=keys, rtol=2e-5, atol=2e-5)
 
 
 def test_zero3_bf16_checkpointing_and_resume(world, zero2_run):

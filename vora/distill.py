@@ -331,14 +331,19 @@ class VoRAForTraining(nn.Module):
         if has_images:
             vora_inputs = dict(input_ids=input_ids, pixel_values=pixel_values, image_grid_hw=image_grid_hw)
         else:
-            # Dummy 1×1 image through the patch embedding at the point real images enter (after the token
-            # embedding, before the first block), weight 0: every rank runs the same modules in the same order,
-            # forward and backward — DeepSpeed ZeRO gathers parameters / reduces gradients in that order.
+            # Dummy 1×1 image through the patch embedding exactly where real images enter — inside the VoRA
+            # forward, right after the token embedding — with weight 0: every rank calls the same modules in the
+            # same order, which DeepSpeed ZeRO-3 requires (it gathers parameters in its recorded module order and
+            # checks that all ranks agree).
             pixel_values = torch.zeros(1, 3 * p * p, device=input_ids.device, dtype=self.vora.dtype)
             image_grid_hw = torch.ones(1, 2, dtype=torch.long, device=input_ids.device)
-            embeds, _ = self.vora.embed_inputs(input_ids)
-            dummy = self.vora.vision_embed(pixel_values, image_grid_hw)
-            vora_inputs = dict(inputs_embeds=embeds + 0.0 * dummy.sum().to(embeds.dtype))
+
+            def add_dummy_image(_module, _args, embeds):
+                dummy = self.vora.vision_embed(pixel_values, image_grid_hw)
+                return embeds + 0.0 * dummy.sum().to(embeds.dtype)
+
+            hooks.append(self.vora.language_model.get_input_embeddings().register_forward_hook(add_dummy_image))
+            vora_inputs = dict(input_ids=input_ids)
         if labels is not None:
             # Sum over label tokens / their count, with the count clamped at 1: identical to the mean,
             # but a micro-batch whose samples were all skipped (no label tokens) gives 0, not NaN.

@@ -56,7 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(recipe.to_dict(), indent=2))
         return 0
-    train(recipe)
+    from .checkpoint import CheckpointError
+
+    try:
+        train(recipe)
+    except CheckpointError as e:  # a checkpoint that cannot be resumed / loaded: say which and why, no traceback
+        print(f"vora-train: error: {e}", file=sys.stderr)
+        if argv is None:
+            sys.exit(2)
+        raise
     return 0
 
 
@@ -443,6 +451,13 @@ def train(recipe: Recipe):
     is_main = _is_main_process()
     _setup_logging(is_main)
     args = build_training_arguments(recipe)  # FIRST: sets up the (ZeRO-3) DeepSpeed config and process group
+    if args.deepspeed and dist.is_available() and dist.is_initialized():
+        import deepspeed
+
+        # On CPU, TrainingArguments starts torch.distributed but not DeepSpeed's comm layer, which ZeRO-3's
+        # partitioned load (before the engine exists) asks for the number of ranks: it would see 1 and reject the
+        # batch size. This adopts the existing process group (a no-op where the GPU path already did it).
+        deepspeed.init_distributed(auto_mpi_discovery=False)
     is_main = args.process_index == 0
     _setup_logging(is_main)
     logger.info("recipe %s (stage %d), output_dir %s, deepspeed %s, ZeRO-3 at load: %s",

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -80,6 +81,29 @@ def _read_safetensors_shapes(path: str) -> dict[str, tuple]:
 def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
     with safe_open(path, "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def saved_world_size(checkpoint: str) -> int | None:
+    """How many ranks wrote a Trainer checkpoint: one writes ``rng_state.pth``, several ``rng_state_<rank>.pth``."""
+    names = os.listdir(checkpoint)
+    ranks = [int(m.group(1)) for n in names if (m := re.fullmatch(r"rng_state_(\d+)\.pth", n))]
+    if ranks:
+        return max(ranks) + 1
+    return 1 if "rng_state.pth" in names else None
+
+
+def _unshare_step_counters(zero_optimizer) -> None:
+    """DeepSpeed's ZeRO-3 universal load gives every parameter group the *same* ``step`` tensor; torch's Adam
+    increments it in place once per group, so a second group would see step + 2 (wrong bias correction). Give
+    each state its own counter (found comparing a universal resume with a native one: step 6 differed)."""
+    inner = getattr(zero_optimizer, "optimizer", None)
+    seen = set()
+    for state in getattr(inner, "state", {}).values():
+        step = state.get("step") if isinstance(state, dict) else None
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                state["step"] = step.clone()
+            seen.add(id(step))
 
 
 def swap_into_place(tmp: str, final: str) -> None:
@@ -418,6 +442,7 @@ class VoRATrainer(Trainer):
         model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
         if resume_from_checkpoint is not None:
             logger.info("resuming from %s", resume_from_checkpoint)
+            self._check_same_global_batch(resume_from_checkpoint)
             self.load_checkpoint_weights(resume_from_checkpoint)
             if self.is_deepspeed_enabled:
                 self._load_deepspeed_state(resume_from_checkpoint)
@@ -439,12 +464,82 @@ class VoRATrainer(Trainer):
         latest = os.path.join(checkpoint, "latest")
         if not os.path.isfile(latest):
             raise CheckpointError(f"{checkpoint}: no DeepSpeed optimizer state (file 'latest' missing)")
-        load_path, _ = self.model_wrapped.load_checkpoint(
-            checkpoint, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=True,
-            custom_load_fn=check_module,
-        )
+        with open(latest) as f:
+            tag = f.read().strip()
+        engine, load_dir, universal = self.model_wrapped, checkpoint, False
+        saved = saved_world_size(checkpoint)
+        if saved is not None and saved != self.args.world_size:
+            # ZeRO partitions the optimizer state by rank, so DeepSpeed refuses it on another number of ranks.
+            # Its universal checkpoint (one file per parameter and state) loads on any number: convert once.
+            load_dir, tag = self._universal_checkpoint(checkpoint, tag, saved)
+            universal = True
+        engine._config.load_universal_checkpoint = universal
+        try:
+            load_path, _ = engine.load_checkpoint(
+                load_dir, tag=tag, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=True,
+                custom_load_fn=check_module,
+            )
+        finally:
+            engine._config.load_universal_checkpoint = False  # saving and later loads use the native format
         if load_path is None:
             raise CheckpointError(f"{checkpoint}: DeepSpeed could not load its state")
+        if universal:
+            _unshare_step_counters(engine.optimizer)
+
+    def _universal_checkpoint(self, checkpoint: str, tag: str, saved: int) -> tuple[str, str]:
+        """DeepSpeed's universal form of ``checkpoint/tag`` under ``output_dir/.universal/`` (converted by rank 0
+        with ``deepspeed.checkpoint.ds_to_universal`` into a temporary directory, renamed when complete; reused
+        if already there). Returns ``(load_dir, tag)``."""
+        import subprocess
+        import sys
+
+        final = os.path.join(self.args.output_dir, ".universal", os.path.basename(os.path.normpath(checkpoint)))
+        utag = f"{tag}_universal"
+        error = None
+        if self.args.process_index == 0 and not os.path.isdir(os.path.join(final, utag)):
+            logger.warning("%s was written by %d ranks, this run has %d: converting its DeepSpeed state to a universal "
+                           "checkpoint in %s", checkpoint, saved, self.args.world_size, final)
+            tmp = f"{final}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                   os.path.join(checkpoint, tag), "--output_folder", os.path.join(tmp, utag), "--inject_missing_state",
+                   "--num_extract_workers", "2", "--num_merge_workers", "2"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0 or not os.path.isdir(os.path.join(tmp, utag, "zero")):
+                shutil.rmtree(tmp, ignore_errors=True)
+                error = (f"{checkpoint}: converting the DeepSpeed state ({saved} ranks) for {self.args.world_size} "
+                         f"ranks failed: {' '.join(cmd)}\n{(proc.stdout + proc.stderr)[-3000:]}")
+            else:
+                swap_into_place(tmp, final)
+        if dist.is_available() and dist.is_initialized():
+            box = [error]
+            dist.broadcast_object_list(box, src=0)  # every rank stops with the same message, none waits forever
+            error = box[0]
+        if error:
+            raise CheckpointError(error)
+        return final, utag
+
+    def _check_same_global_batch(self, checkpoint: str) -> None:
+        """The data position is restored by skipping whole steps of the sampler's order, so a resume is exact only
+        with the run's samples per step (ranks × per-device batch × accumulation) unchanged; the split may change."""
+        path = os.path.join(checkpoint, "vora_run.json")
+        saved = saved_world_size(checkpoint)
+        if saved is None or not os.path.isfile(path):
+            return
+        with open(path) as f:
+            train = (json.load(f).get("recipe") or {}).get("train") or {}
+        b, ga = train.get("per_device_train_batch_size"), train.get("gradient_accumulation_steps", 1)
+        if not isinstance(b, int) or not isinstance(ga, int):
+            return
+        args = self.args
+        now = args.world_size * args.per_device_train_batch_size * args.gradient_accumulation_steps
+        if saved * b * ga != now:
+            raise CheckpointError(
+                f"{checkpoint}: written with {saved * b * ga} samples per step ({saved} ranks × "
+                f"train.per_device_train_batch_size {b} × train.gradient_accumulation_steps {ga}); this run has {now} "
+                f"({args.world_size} × {args.per_device_train_batch_size} × {args.gradient_accumulation_steps}). "
+                "Resuming skips whole steps of data, so keep the product the same (the split may change).")
 
     def load_checkpoint_weights(self, checkpoint: str) -> None:
         """Strictly load a checkpoint's weights into the model being trained (collective under ZeRO-3)."""
