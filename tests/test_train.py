@@ -322,6 +322,18 @@ def test_zero3_two_processes_then_resume_on_one(world, zero2_run):
     assert_same_steps(ref, step_logs(resumed), [5, 6], keys=keys, rtol=2e-5, atol=2e-5)
 
 
+def test_zero3_offload_matches_and_logs_the_rate_it_used(world, zero2_run):
+    """ds_configs/zero3_offload.json (DeepSpeed owns the optimizer, on the CPU): the same losses as ZeRO-2, and the
+    logged learning rate is the one each update used (warm-up 0 → 5e-4 → 1e-3), not the next step's."""
+    out, _ = zero2_run
+    off = world / "zero3_offload"
+    run_main(world, off, **{"train.deepspeed": "ds_configs/zero3_offload.json", "train.max_steps": 3, "train.save_steps": 3})
+    logs = step_logs(off)
+    assert [logs[s]["learning_rate"] for s in (1, 2, 3)] == [0.0, 5e-4, 1e-3]
+    assert_same_steps(step_logs(out), logs, [1, 2, 3], keys=("loss", "lm_loss", "distill_loss", "grad_norm", "learning_rate"),
+                      rtol=2e-5, atol=2e-5)
+
+
 def test_zero3_bf16_checkpointing_and_resume(world, zero2_run):
     """ZeRO-3 (LLM and teacher partitioned at load), bf16, gradient checkpointing: trains, gathers the trainable
     weights for the checkpoint, resumes exactly."""

@@ -198,6 +198,8 @@ class VoRATrainer(Trainer):
         = Σ per-image losses / images of the whole step. Both scaled so that the gradient DeepSpeed / DDP average
         over ranks and sum over micro-batches is exactly that of the step's objective."""
         labels = inputs["labels"]
+        if model.training and self.optimizer is not None:
+            self._step_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update will use
         n_local = (labels[:, 1:] != -100).sum()
         grid = inputs.get("image_grid_hw")
         n_img = 0 if grid is None else int(grid.shape[0])
@@ -252,6 +254,13 @@ class VoRATrainer(Trainer):
         out["tokens_per_second"] = round(tokens / elapsed, 2)
         out["images_per_second"] = round(images / elapsed, 2)
         return out
+
+    def _get_learning_rate(self) -> float:
+        # The Trainer reads the scheduler after the update; when DeepSpeed owns the optimizer (a ds config with an
+        # "optimizer" block, e.g. zero3_offload.json) its engine has already stepped the scheduler by then, so the
+        # logged rate was the next step's. Log the rate the update used, read before it, for every backend.
+        lr = getattr(self, "_step_lr", None)
+        return super()._get_learning_rate() if lr is None else lr
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and "learning_rate" in logs and self.model is not None and self.model.training:
