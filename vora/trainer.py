@@ -421,8 +421,15 @@ class VoRATrainer(Trainer):
             return super()._save_optimizer_and_scheduler(output_dir)
         from accelerate.utils import DeepSpeedSchedulerWrapper
 
-        # Optimizer partitions + DeepSpeed's own state; the module part without frozen weights (teacher, base LLM).
-        self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+        # Optimizer partitions + DeepSpeed's own state, without the module weights: the safetensors files written
+        # next to them hold every weight a resume needs (loaded strictly before this state), so DeepSpeed's copy
+        # would store them twice — the whole LLM when it trains in full under ZeRO-1/2.
+        engine = self.model_wrapped
+        engine.module_state_dict = lambda *args, **kwargs: {}
+        try:
+            engine.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+        finally:
+            del engine.module_state_dict  # the class method again
         if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
 
@@ -464,8 +471,8 @@ class VoRATrainer(Trainer):
         frozen = {n for n, p in self.train_model.named_parameters() if not p.requires_grad}
 
         def check_module(src, dst):
-            # The weights came from the safetensors files (strictly, above); DeepSpeed's module part only holds
-            # the trainable parameters. Frozen weights there mean the checkpoint is not this run's.
+            # The weights came from the safetensors files (strictly, above); DeepSpeed's module part is empty
+            # (older checkpoints: the trainable parameters). Frozen weights there mean the checkpoint is not this run's.
             extra = sorted(k for k in src if k in frozen)
             if extra:
                 raise CheckpointError(f"{checkpoint}: DeepSpeed module state holds non-trainable weights {extra[:5]}")
