@@ -285,9 +285,9 @@ def test_resume_on_another_number_of_ranks(world, zero2_run, two_procs_run):
     one = world / "resume_2_to_1"
     run_main(world, one, **{"train.resume_from_checkpoint": str(two_procs_run / "checkpoint-4"), "train.save_steps": 2})
     assert_same_steps(ref, step_logs(one), [5, 6], keys=keys, rtol=2e-5, atol=2e-5)
-    converted = one / ".universal" / "checkpoint-4"
-    assert (converted / "global_step4_universal" / "zero").is_dir()
-    assert not [p for p in (one / ".universal").iterdir() if p.name != "checkpoint-4"]  # no temporary leftovers
+    converted = list((one / ".universal").iterdir())
+    assert len(converted) == 1 and converted[0].name.startswith("checkpoint-4-")  # no temporary leftovers
+    assert (converted[0] / "global_step4_universal" / "zero").is_dir()
     # 1 rank × 2 samples → 2 ranks × 1 sample, through the launcher
     two = world / "resume_1_to_2"
     run_launcher(world, two, **{"train.per_device_train_batch_size": 1, "train.save_steps": 2,

@@ -509,7 +509,13 @@ class VoRATrainer(Trainer):
         import subprocess
         import sys
 
-        final = os.path.join(self.args.output_dir, ".universal", os.path.basename(os.path.normpath(checkpoint)))
+        import hashlib
+
+        # Keyed by the source's path and modification time: another run's checkpoint-N, or this one rewritten,
+        # is converted afresh rather than served from a stale copy.
+        src = os.path.abspath(os.path.join(checkpoint, tag))
+        key = hashlib.sha1(f"{src}:{os.stat(src).st_mtime_ns}".encode()).hexdigest()[:10]
+        final = os.path.join(self.args.output_dir, ".universal", f"{os.path.basename(os.path.normpath(checkpoint))}-{key}")
         utag = f"{tag}_universal"
         error = None
         if self.args.process_index == 0 and not os.path.isdir(os.path.join(final, utag)):
