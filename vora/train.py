@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         train(recipe)
-    except CheckpointError as e:  # a checkpoint that cannot be resumed / loaded: say which and why, no traceback
+    except (ConfigError, CheckpointError) as e:  # found while building the run: say which file / key and why, no traceback
         print(f"vora-train: error: {e}", file=sys.stderr)
         if argv is None:
             sys.exit(2)
