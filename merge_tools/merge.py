@@ -309,9 +309,7 @@ def merge(
     t0 = time.time()
     checkpoint = Path(checkpoint).absolute()
     output = Path(output).absolute()
-    run = {}
-    if (checkpoint / ckpt.RUN_FILE).is_file():
-        run = json.loads((checkpoint / ckpt.RUN_FILE).read_text())
+    run = ckpt.run_info(checkpoint)
     try:
         kind = ckpt.checkpoint_kind(checkpoint, run)
     except ckpt.CheckpointError as e:
@@ -398,9 +396,8 @@ def merge(
         lora_plan = {}
         log(f"{checkpoint} has no LoRA adapter (the LLM was frozen, trainable.llm: frozen): the LLM weights are "
             f"copied from {base_dir} unchanged; only the patch embedding is replaced")
-    patch_trained = (run.get("trainable") or {}).get("patch_embed", True) is not False
     vision = load_patch_embedding(checkpoint, config, required=not vora_base)
-    if vora_base and (vision is None or not patch_trained):
+    if vora_base and (vision is None or not ckpt.patch_embed_trained(run)):
         vision = None  # keep the base's patch embedding (read from its shard when written)
         with torch.device("meta"):
             from vora.modeling_vora import VoRAPatchEmbed
@@ -504,13 +501,11 @@ def ckpt_check(expected, got, what, optional=frozenset()):
         raise MergeError(str(e)) from e
 
 
-LLM_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
-VORA_FIELDS = ("patch_size", "vision_embed_dim", "position_grid", "image_token_id")
-
-
 def check_base_config(base_dir: Path, config) -> bool:
     """The base's config.json must describe the architecture the checkpoint was trained on. Returns whether the
     base is a merged VoRA model (stage 2) rather than a text LLM."""
+    from vora.checkpoint import LLM_ARCH_FIELDS, VORA_GEOMETRY_FIELDS
+
     path = base_dir / "config.json"
     if not path.is_file():
         raise MergeError(f"base LLM {base_dir} has no config.json")
@@ -518,7 +513,7 @@ def check_base_config(base_dir: Path, config) -> bool:
     text_config = getattr(config, "text_config", None) or config
     vora_base = base_cfg.get("model_type") == "vora"
     if vora_base:
-        for f in VORA_FIELDS:
+        for f in VORA_GEOMETRY_FIELDS:
             a, b = base_cfg.get(f), getattr(config, f, None)
             if a is not None and b is not None and a != b:
                 raise MergeError(f"VoRA base {path}: {f}={a!r} but the checkpoint's config.json has {f}={b!r}: wrong base?")
@@ -526,7 +521,7 @@ def check_base_config(base_dir: Path, config) -> bool:
         where = f"VoRA base {path}: text_config."
     else:
         where = f"base LLM {path}: "
-    for f in LLM_FIELDS:
+    for f in LLM_ARCH_FIELDS:
         a, b = base_cfg.get(f), getattr(text_config, f, None)
         if a is not None and b is not None and a != b:
             raise MergeError(f"{where}{f}={a!r} but the checkpoint's text_config has {f}={b!r}: wrong base LLM?")
@@ -623,11 +618,13 @@ def write_support_files(tmp: Path, checkpoint: Path, base_dir: Path, config, tar
     save_inference_processor(tmp, processor)
     write_code_files(tmp)
     write_generation_config(tmp, config, processor.tokenizer, (checkpoint, base_dir))
-    base_run = base_dir / "vora_run.json"
-    if run and base_run.is_file() and json.loads((base_dir / "config.json").read_text()).get("model_type") == "vora":
-        run = {**run, "base_run": json.loads(base_run.read_text())}  # stage 2: keep how the base was made
+    from vora import checkpoint as ckpt
+
+    base_run = ckpt.run_info(base_dir)
+    if run and base_run and ckpt.base_is_vora(base_dir):
+        run = {**run, "base_run": base_run}  # stage 2: keep how the base was made
     if run:
-        (tmp / "vora_run.json").write_text(json.dumps(run, indent=2, default=str) + "\n")
+        (tmp / ckpt.RUN_FILE).write_text(json.dumps(run, indent=2, default=str) + "\n")
 
 
 def complete_full_model(directory: str | os.PathLike, config, processor) -> None:

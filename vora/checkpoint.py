@@ -144,11 +144,18 @@ def save_trainable(model, directory: str | os.PathLike, *, overwrite: bool = Fal
 # --------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------
+def run_info(directory: str | os.PathLike) -> dict:
+    """The contents of ``directory/vora_run.json``, ``{}`` when there is none."""
+    path = Path(directory) / RUN_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def read_run(directory: str | os.PathLike) -> dict:
+    """``vora_run.json``, which must exist and name the base LLM."""
     path = Path(directory) / RUN_FILE
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint does not say which base LLM it was trained on")
-    run = json.loads(path.read_text())
+    run = run_info(directory)
     if not run.get("base_llm"):
         raise CheckpointError(f"{path}: no 'base_llm' entry")
     return run
@@ -183,7 +190,7 @@ def checkpoint_kind(directory: str | os.PathLike, run: dict | None = None) -> st
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     if not (directory / ADAPTER_WEIGHTS).is_file() and not (directory / ADAPTER_CONFIG).is_file():
         if run is None:
-            run = json.loads((directory / RUN_FILE).read_text()) if (directory / RUN_FILE).is_file() else {}
+            run = run_info(directory)
         llm = (run.get("trainable") or {}).get("llm")
         if is_full_model(directory) and (directory / CONFIG).is_file():
             return "full"
@@ -217,15 +224,24 @@ def check_base_stage(run: dict, vora_base: bool, base) -> None:
                               f"but the base {base} is a merged VoRA model: use the LLM it was trained from")
 
 
+# What a checkpoint's config must share with the base it is applied to (vora-merge checks the same fields).
+LLM_ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                   "num_attention_heads", "num_key_value_heads")
+VORA_GEOMETRY_FIELDS = ("patch_size", "vision_embed_dim", "position_grid", "image_token_id")
+
+
+def patch_embed_trained(run: dict) -> bool:
+    """Whether the run trained the patch embedding (``vora_run.json``: ``trainable.patch_embed``; default yes)."""
+    return (run.get("trainable") or {}).get("patch_embed", True) is not False
+
+
 def check_same_geometry(config, base_config, what: str) -> None:
     """A stage-2 checkpoint's VoRAConfig must describe the VoRA base it was trained from."""
-    fields = ("patch_size", "vision_embed_dim", "position_grid", "image_token_id")
-    for f in fields:
+    for f in VORA_GEOMETRY_FIELDS:
         a, b = getattr(base_config, f, None), getattr(config, f, None)
         if a != b:
             raise CheckpointError(f"{what}: {f}={a!r} but the checkpoint's config.json has {f}={b!r}: wrong base?")
-    for f in ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads"):
+    for f in LLM_ARCH_FIELDS:
         a, b = getattr(base_config.text_config, f, None), getattr(config.text_config, f, None)
         if a is not None and b is not None and a != b:
             raise CheckpointError(f"{what}: text_config.{f}={a!r} but the checkpoint's text_config has {f}={b!r}: wrong base?")
@@ -287,7 +303,7 @@ def load_trainable(
     from .modeling_vora import VoRAForCausalLM
 
     directory = Path(directory)
-    run = json.loads((directory / RUN_FILE).read_text()) if (directory / RUN_FILE).is_file() else {}
+    run = run_info(directory)
     kind = checkpoint_kind(directory, run)
     kwargs = {}
     if dtype is not None:
@@ -321,8 +337,7 @@ def load_trainable(
     model.set_attn_implementation(impl)
 
     vision, heads = split_trainable(load_file(str(trainable_path)), str(trainable_path))
-    patch_trained = (run.get("trainable") or {}).get("patch_embed", True)
-    if base_vision is not None and (not vision or patch_trained is False):
+    if base_vision is not None and (not vision or not patch_embed_trained(run)):
         vision = base_vision
         source = f"{base} (patch embedding of the VoRA base)"
     else:

@@ -16,10 +16,8 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import sys
-from pathlib import Path
 
 from .config import ConfigError, Recipe, load_recipe, resolve_path
 

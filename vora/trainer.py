@@ -21,13 +21,15 @@ without loading or decoding a sample and without a forward pass.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -38,14 +40,18 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rota
 
 logger = logging.getLogger("vora.train")
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-TRAINABLE_WEIGHTS = "vora_trainable.safetensors"
-RUN_FILE = "vora_run.json"
 TRAINER_STATE = "trainer_state.json"
 
-
-from .checkpoint import CheckpointError, check_state_dict, write_trainable  # noqa: E402  (same format and errors as vora-merge reads)
+# The checkpoint format and its errors are the ones vora-merge reads.
+from .checkpoint import (  # noqa: E402
+    ADAPTER_WEIGHTS,
+    RUN_FILE,
+    TRAINABLE_WEIGHTS,
+    CheckpointError,
+    check_state_dict,
+    run_info,
+    write_trainable,
+)
 
 
 def _is_zero3_param(p) -> bool:
@@ -173,6 +179,7 @@ class VoRATrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         self._reset_window()
         self._eval_acc = None
+        self._step_lr = None  # the learning rate of the current step's update (read before it; see _get_learning_rate)
 
     # ------------------------------------------------------------------------------------------ loss and logs
     @property
@@ -259,8 +266,7 @@ class VoRATrainer(Trainer):
         # The Trainer reads the scheduler after the update; when DeepSpeed owns the optimizer (a ds config with an
         # "optimizer" block, e.g. zero3_offload.json) its engine has already stepped the scheduler by then, so the
         # logged rate was the next step's. Log the rate the update used, read before it, for every backend.
-        lr = getattr(self, "_step_lr", None)
-        return super()._get_learning_rate() if lr is None else lr
+        return super()._get_learning_rate() if self._step_lr is None else self._step_lr
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and "learning_rate" in logs and self.model is not None and self.model.training:
@@ -458,16 +464,17 @@ class VoRATrainer(Trainer):
         model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
         if resume_from_checkpoint is not None:
             logger.info("resuming from %s", resume_from_checkpoint)
-            self._check_same_global_batch(resume_from_checkpoint)
+            saved_ranks = saved_world_size(resume_from_checkpoint)
+            self._check_same_global_batch(resume_from_checkpoint, saved_ranks)
             self.load_checkpoint_weights(resume_from_checkpoint)
             if self.is_deepspeed_enabled:
-                self._load_deepspeed_state(resume_from_checkpoint)
+                self._load_deepspeed_state(resume_from_checkpoint, saved_ranks)
             self._load_optimizer_and_scheduler(resume_from_checkpoint)
             self._load_scaler(resume_from_checkpoint)
         self._reset_window()
         return model, train_dataloader
 
-    def _load_deepspeed_state(self, checkpoint: str) -> None:
+    def _load_deepspeed_state(self, checkpoint: str, saved_ranks: int | None) -> None:
         frozen = {n for n, p in self.train_model.named_parameters() if not p.requires_grad}
 
         def check_module(src, dst):
@@ -482,13 +489,12 @@ class VoRATrainer(Trainer):
             raise CheckpointError(f"{checkpoint}: no DeepSpeed optimizer state (file 'latest' missing)")
         with open(latest) as f:
             tag = f.read().strip()
-        engine, load_dir, universal = self.model_wrapped, checkpoint, False
-        saved = saved_world_size(checkpoint)
-        if saved is not None and saved != self.args.world_size:
+        engine, load_dir = self.model_wrapped, checkpoint
+        universal = saved_ranks is not None and saved_ranks != self.args.world_size
+        if universal:
             # ZeRO partitions the optimizer state by rank, so DeepSpeed refuses it on another number of ranks.
             # Its universal checkpoint (one file per parameter and state) loads on any number: convert once.
-            load_dir, tag = self._universal_checkpoint(checkpoint, tag, saved)
-            universal = True
+            load_dir, tag = self._universal_checkpoint(checkpoint, tag, saved_ranks)
         engine._config.load_universal_checkpoint = universal
         try:
             load_path, _ = engine.load_checkpoint(
@@ -506,11 +512,6 @@ class VoRATrainer(Trainer):
         """DeepSpeed's universal form of ``checkpoint/tag`` under ``output_dir/.universal/`` (converted by rank 0
         with ``deepspeed.checkpoint.ds_to_universal`` into a temporary directory, renamed when complete; reused
         if already there). Returns ``(load_dir, tag)``."""
-        import subprocess
-        import sys
-
-        import hashlib
-
         # Keyed by the source's path and modification time: another run's checkpoint-N, or this one rewritten,
         # is converted afresh rather than served from a stale copy.
         src = os.path.abspath(os.path.join(checkpoint, tag))
@@ -542,15 +543,12 @@ class VoRATrainer(Trainer):
             raise CheckpointError(error)
         return final, utag
 
-    def _check_same_global_batch(self, checkpoint: str) -> None:
+    def _check_same_global_batch(self, checkpoint: str, saved: int | None) -> None:
         """The data position is restored by skipping whole steps of the sampler's order, so a resume is exact only
         with the run's samples per step (ranks × per-device batch × accumulation) unchanged; the split may change."""
-        path = os.path.join(checkpoint, "vora_run.json")
-        saved = saved_world_size(checkpoint)
-        if saved is None or not os.path.isfile(path):
+        if saved is None:
             return
-        with open(path) as f:
-            train = (json.load(f).get("recipe") or {}).get("train") or {}
+        train = (run_info(checkpoint).get("recipe") or {}).get("train") or {}
         b, ga = train.get("per_device_train_batch_size"), train.get("gradient_accumulation_steps", 1)
         if not isinstance(b, int) or not isinstance(ga, int):
             return

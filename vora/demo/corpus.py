@@ -14,7 +14,8 @@ Files written under ``out_dir``:
 - ``lm_text.txt``   — the training images' captions (part of the stand-in LLM's text)
 - ``meta.json``     — vocabulary lists, counts, seed
 
-Everything is a pure function of the seed.
+Rows, attributes and drawings are a pure function of the seed; the faint sensor noise blended into half of the
+images comes from PIL's unseeded ``Image.effect_noise``, so pixels may differ by a few levels between runs.
 """
 
 from __future__ import annotations
@@ -88,28 +89,18 @@ class Scene:
 # ------------------------------------------------------------------------------------------------
 # drawing
 # ------------------------------------------------------------------------------------------------
-def _shape_points(shape: str, cx: float, cy: float, r: float, angle: float):
+def _shape_points(shape: str, cx: float, cy: float, r: float):
+    """Polygon vertices of an upright triangle / star or an axis-aligned square (circles are drawn as ellipses)."""
     def poly(n, radii, phase):
-        pts = []
-        for k in range(n):
-            a = phase + angle + 2 * math.pi * k / n
-            rad = radii[k % len(radii)]
-            pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a)))
-        return pts
+        return [(cx + radii[k % len(radii)] * math.cos(phase + 2 * math.pi * k / n),
+                 cy + radii[k % len(radii)] * math.sin(phase + 2 * math.pi * k / n)) for k in range(n)]
 
     if shape == "square":
         return poly(4, [r * 1.0], math.pi / 4)
-    if shape == "diamond":
-        return poly(4, [r * 1.05], 0.0)
     if shape == "triangle":
         return poly(3, [r * 1.1], -math.pi / 2)
     if shape == "star":
         return poly(10, [r * 1.1, r * 0.45], -math.pi / 2)
-    if shape == "cross":
-        w = r * 0.36
-        base = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
-        c, s = math.cos(angle), math.sin(angle)
-        return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in base]
     raise ValueError(shape)
 
 
@@ -140,7 +131,7 @@ def _jitter(rng: random.Random, rgb, amount=16):
 def render(scene_rng: random.Random, min_side: int = 40, max_side: int = 84) -> tuple[Image.Image, Scene]:
     """Draw one random scene. Returns the image and its attributes."""
     rng = scene_rng
-    # varied sizes and aspect ratios (up to 1:3)
+    # varied sizes and aspect ratios (up to 84:40, i.e. 1:2.1)
     w = rng.randint(min_side, max_side)
     h = rng.randint(min_side, max_side)
     colour = rng.choice(list(COLOURS))
@@ -166,14 +157,13 @@ def render(scene_rng: random.Random, min_side: int = 40, max_side: int = 84) -> 
                 break
     count = len(placed)
     fill = _jitter(rng, COLOURS[colour])
-    angle = 0.0  # upright triangles and stars, axis-aligned squares
     outline = _jitter(rng, (25, 25, 25), 15)
     ow = round(S * min(3.0, max(1.6, 0.09 * r)))  # outline width: 1.6–3 px
     for cx, cy in placed:
         if shape == "circle":
             draw.ellipse([(cx - r) * S, (cy - r) * S, (cx + r) * S, (cy + r) * S], fill=fill, outline=outline, width=ow)
         else:
-            pts = [(x * S, y * S) for x, y in _shape_points(shape, cx, cy, r, angle)]
+            pts = [(x * S, y * S) for x, y in _shape_points(shape, cx, cy, r)]
             draw.polygon(pts, fill=fill, outline=outline, width=ow)
     img = big.resize((w, h), Image.Resampling.LANCZOS)
     if rng.random() < 0.5:  # sensor-like noise
@@ -203,11 +193,14 @@ def _askable(scene: Scene) -> list[str]:
     return [a for a in ATTRIBUTES if a != "size" or scene.count == 1]
 
 
+def _plural(question: str) -> str:
+    """The question about several shapes ("What colour are they?")."""
+    return question.replace("is it", "are they").replace("its", "their").replace("is this", "are these")
+
+
 def _question(rng: random.Random, attribute: str, scene: Scene) -> str:
     q = rng.choice(QUESTIONS[attribute])
-    if scene.count > 1:
-        q = q.replace("is it", "are they").replace("its", "their").replace("is this", "are these")
-    return q
+    return _plural(q) if scene.count > 1 else q
 
 
 def image_row(rng: random.Random, path: str, scene: Scene) -> dict:
@@ -259,7 +252,7 @@ def vocabulary_texts() -> list[str]:
     texts = [" ".join(words)] + CAPTION_PROMPTS
     for qs in QUESTIONS.values():
         texts += qs
-        texts += [q.replace("is it", "are they").replace("its", "their").replace("is this", "are these") for q in qs]
+        texts += [_plural(q) for q in qs]
     return texts
 
 

@@ -17,7 +17,6 @@ Both load back with the Auto classes, offline, exactly like downloaded checkpoin
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import time
@@ -27,15 +26,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..processing_vora import CHATML_TEMPLATE
 from . import corpus as C
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "[UNK]"]
-CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 # Teacher normalisation (written to its preprocessor_config.json; VoRA's image processor uses the same)
 IMAGE_MEAN = [0.5, 0.5, 0.5]
 IMAGE_STD = [0.25, 0.25, 0.25]
@@ -74,7 +68,7 @@ def build_tokenizer(path: str):
         tokenizer_object=tk, pad_token="<|endoftext|>", eos_token="<|im_end|>", unk_token="[UNK]",
         additional_special_tokens=["<|im_start|>", "<image>"],
     )
-    fast.chat_template = CHATML
+    fast.chat_template = CHATML_TEMPLATE
     os.makedirs(path, exist_ok=True)
     fast.save_pretrained(path)
     return AutoTokenizer.from_pretrained(path)
