@@ -302,6 +302,15 @@ def test_resume_on_another_number_of_ranks(world, zero2_run, two_procs_run):
     assert "train.per_device_train_batch_size" in proc.stderr and not (world / "resume_bad" / "checkpoint-6").exists()
 
 
+def test_config_error_found_while_building_the_run_is_one_clear_line(world, tmp_path):
+    """A resume target that is not a directory is found after the recipe loaded (inside train()): vora-train says
+    which file and key, not a traceback from deep inside."""
+    proc = run_main(world, tmp_path / "out", must_succeed=False, **{"train.resume_from_checkpoint": str(tmp_path / "nope")})
+    assert proc.returncode != 0
+    assert f"vora-train: error: {TINY}: train.resume_from_checkpoint: {tmp_path / 'nope'} is not a directory" in proc.stderr, \
+        proc.stderr[-3000:]
+
+
 def test_zero3_two_processes_then_resume_on_one(world, zero2_run):
     """ZeRO-3 on 2 processes: every rank must call the same modules in the same order (DeepSpeed checks it), also
     when one rank's micro-batch is text-only or empty (the dummy image enters where real images do). Its losses
