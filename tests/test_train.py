@@ -3,8 +3,8 @@ MASTER_* set, distinct ports), two processes through the `deepspeed` launcher, g
 text-only / image micro-batches (and a skipped sample), exact resume, checkpoint contents, stage 2.
 
 Everything is built locally in tmp dirs (tiny LLM + tokenizer, tiny CLIP teacher, PNGs + JSONL); nothing is
-downloaded. The first DeepSpeed run on a fresh machine JIT-builds DeepSpeed's shared-memory comm op (cached
-under $TORCH_EXTENSIONS_DIR, ~40 s once).
+downloaded. DeepSpeed's CPU ops (shared-memory comm, CPU Adam) are built by scripts/install.sh into
+.venv/torch_extensions, so no timed subprocess here includes a compile.
 """
 
 from __future__ import annotations
