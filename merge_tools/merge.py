@@ -641,7 +641,8 @@ def check_adapter_config(path: Path, cfg: dict, recorded: list[tuple[str, dict]]
         rank, layers, targets = lora.get("rank"), lora.get("layers"), lora.get("targets")
         checks = []
         if rank is not None:
-            checks += [("r", cfg.get("r"), rank, "rank"), ("lora_alpha", cfg.get("lora_alpha"), rank, "rank (alpha = r)")]
+            checks += [("r", cfg.get("r"), rank, "rank"),
+                       ("lora_alpha", cfg.get("lora_alpha"), rank, "rank (alpha = r)")]
         if targets and isinstance(cfg.get("target_modules"), list):
             checks.append(("target_modules", sorted(cfg["target_modules"]), sorted(targets), "targets"))
         ltt = cfg.get("layers_to_transform")
@@ -877,7 +878,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True, help="directory to create for the merged model")
     p.add_argument("--base", help="base LLM directory or hub id (default: base_llm from the checkpoint's vora_run.json)")
     p.add_argument("--dtype", default="auto", choices=["auto", *TARGET_DTYPES], help="stored dtype (default: the base's)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory (a previous merge output)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output directory (only a previous merge output)")
     p.add_argument("--force-base", action="store_true",
                    help="merge into --base even if its fingerprint differs from the base recorded at training time")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
