@@ -334,7 +334,6 @@ def merge(
             "AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)"
         )
     check_output_location(output, checkpoint, "checkpoint")
-    check_existing_output(output, overwrite)
     shard_limit = parse_size(max_shard_size)
 
     config = VoRAConfig.from_pretrained(str(checkpoint))
@@ -345,6 +344,7 @@ def merge(
         raise MergeError(f"{checkpoint / ckpt.RUN_FILE} does not name the base LLM: pass --base LLM_PATH")
     base_dir = resolve_base(str(base_ref)).absolute()
     check_output_location(output, base_dir, "base LLM")
+    check_existing_output(output, overwrite)
     vora_base = check_base_config(base_dir, config)
     fingerprint = check_base_identity(base_dir, run, checkpoint, force_base, log, explicit=base is not None)
     try:
