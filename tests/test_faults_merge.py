@@ -128,9 +128,19 @@ def test_overwrite_replaces_only_a_previous_merge_output(world, tmp_path, capsys
     assert code not in (0, None) and "is a symbolic link" in err
     assert link.is_symlink() and tree_hash(world.merged_dir) == before
 
-    # a previous merge output is replaced, and says what it was made from
+    # a full fine-tuning run's final/ looks like a merged model but holds training results: refused
+    full = tmp_path / "full"
+    shutil.copytree(world.merged_dir, full)
+    set_run(full, trainable={"llm": "full"}, merged=None)
+    code, _, err = merge_cli(capsys, world.ckpt_dir, "--output", full, "--overwrite")
+    assert code not in (0, None) and "is not a previous vora-merge output" in err
+
+    # a previous merge output is replaced, and says what it was made from; so is an older one without the entry
     prev = tmp_path / "prev"
     shutil.copytree(world.merged_dir, prev)
+    set_run(prev, merged=None)
+    code, out, err = merge_cli(capsys, world.ckpt_dir, "--output", prev, "--overwrite")
+    assert code == 0, err
     code, out, err = merge_cli(capsys, world.ckpt_dir, "--output", prev, "--overwrite", "--dtype", "bfloat16")
     assert code == 0, err
     merged = json.loads((prev / ckpt.RUN_FILE).read_text())["merged"]
