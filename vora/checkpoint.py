@@ -323,18 +323,21 @@ def base_fingerprint(base: str | os.PathLike) -> dict | None:
     if not files:
         return None
     digest, sizes = hashlib.sha256(), {}
-    for f in files:
-        size = f.stat().st_size
-        sizes[f.name] = size
-        digest.update(f"{f.name}\0{size}\0".encode())
-        with open(f, "rb") as fh:
-            head = fh.read(8)
-            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-            digest.update(head + fh.read(min(n, size)))
-            start, span = 8 + n, max(0, size - 8 - n)
-            for i in range(FINGERPRINT_SAMPLES):
-                fh.seek(start + span * i // FINGERPRINT_SAMPLES)
-                digest.update(fh.read(FINGERPRINT_CHUNK))
+    try:
+        for f in files:
+            size = f.stat().st_size
+            sizes[f.name] = size
+            digest.update(f"{f.name}\0{size}\0".encode())
+            with open(f, "rb") as fh:
+                head = fh.read(8)
+                n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+                digest.update(head + fh.read(min(n, size)))
+                start, span = 8 + n, max(0, size - 8 - n)
+                for i in range(FINGERPRINT_SAMPLES):
+                    fh.seek(start + span * i // FINGERPRINT_SAMPLES)
+                    digest.update(fh.read(FINGERPRINT_CHUNK))
+    except OSError:  # unreadable weights: whoever loads them reports it; a fingerprint is no reason to fail
+        return None
     return {"sha256": digest.hexdigest(), "files": sizes}
 
 
