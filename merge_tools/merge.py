@@ -346,11 +346,11 @@ def merge(
     check_output_location(output, base_dir, "base LLM")
     check_existing_output(output, overwrite)
     vora_base = check_base_config(base_dir, config)
-    fingerprint = check_base_identity(base_dir, run, checkpoint, force_base, log, explicit=base is not None)
     try:
         ckpt.check_base_stage(run, vora_base, base_dir)
     except ckpt.CheckpointError as e:
         raise MergeError(str(e)) from e
+    fingerprint = check_base_identity(base_dir, run, checkpoint, force_base, log, explicit=base is not None)
     prefix = LM_PREFIX if vora_base else ""  # where the LLM's tensors live in the base's files
 
     # --- what the base holds, what the architecture needs --------------------------------------

@@ -93,7 +93,8 @@ ALIASES = [
 def test_output_aliasing_an_input_is_refused_and_inputs_stay_intact(run_layout, capsys, output, base, what, overwrite):
     root, ck, real_base = run_layout
     before = {"run": tree_hash(root / "RUN"), "base": tree_hash(real_base)}
-    argv = [ck, "--output", root / output] + (["--base", root / base] if base else []) + (["--overwrite"] if overwrite else [])
+    argv = [ck, "--output", root / output] + (["--base", root / base] if base else [])
+    argv += ["--overwrite"] if overwrite else []
     code, out, err = merge_cli(capsys, *argv)
     assert code not in (0, None), out
     line = err.strip()
@@ -188,7 +189,8 @@ def test_adapter_of_another_run_is_refused(world, tmp_path, capsys, layers, rank
         (ck / "config.json").write_text(json.dumps(cfg))
     code, out, err = merge_cli(capsys, ck, "--output", tmp_path / "out")
     assert code not in (0, None), out
-    assert "adapter_config.json" in err and field in err and ("recipe lora" if recorded_in == "recipe" else "lora_*") in err
+    where = "recipe lora" if recorded_in == "recipe" else "lora_*"
+    assert "adapter_config.json" in err and field in err and where in err
     assert not (tmp_path / "out").exists()
 
 
