@@ -294,6 +294,7 @@ def merge(
     overwrite: bool = False,
     max_shard_size: str | int = "5GB",
     log=None,
+    force_base: bool = False,
 ) -> dict:
     """Merge ``checkpoint`` into a standalone model at ``output``. Returns a summary dict.
 
@@ -301,6 +302,10 @@ def merge(
     the LoRA, its ``vision_embed.*`` is kept unless the run trained the patch embedding). A checkpoint without an
     adapter (``trainable.llm: frozen``) only replaces the patch embedding; a full-model checkpoint
     (``trainable.llm: full``) is refused: it needs no merge.
+
+    The output may neither be, contain nor lie inside the checkpoint or the base (real paths compared); an existing
+    output is only replaced with ``overwrite`` and only when it is a previous merge output. A base whose fingerprint
+    differs from the one recorded at training time is refused unless ``force_base``.
     """
     from vora import checkpoint as ckpt
     from vora.configuration_vora import VoRAConfig
@@ -309,21 +314,26 @@ def merge(
     t0 = time.time()
     checkpoint = Path(checkpoint).absolute()
     output = Path(output).absolute()
-    run = ckpt.run_info(checkpoint)
     try:
+        run = ckpt.run_info(checkpoint)
         kind = ckpt.checkpoint_kind(checkpoint, run)
-    except ckpt.CheckpointError as e:
+    except (ckpt.CheckpointError, OSError, json.JSONDecodeError) as e:
         raise MergeError(str(e)) from e
     if kind == "full":
+        model_type = read_json(checkpoint / "config.json").get("model_type")
+        if model_type != "vora":
+            raise MergeError(
+                f"{checkpoint} is not a VoRA training checkpoint: it is a plain {model_type or 'unknown'} model "
+                f"(config.json model_type {model_type!r}, no {ckpt.ADAPTER_WEIGHTS}). Pass a vora-train checkpoint "
+                "(OUTPUT_DIR/checkpoint-N or OUTPUT_DIR/final) as CHECKPOINT; the text LLM is the --base "
+                f"(default: base_llm in the checkpoint's {ckpt.RUN_FILE})"
+            )
         raise MergeError(
             f"{checkpoint} is a full model (a run that fine-tuned the whole LLM, trainable.llm: full, or a merged "
             "model): it has no LoRA and needs no merge. Load it directly: "
             "AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)"
         )
-    if output.exists() and not overwrite:
-        raise MergeError(f"output {output} already exists (pass --overwrite to replace it)")
-    if output == checkpoint or checkpoint.is_relative_to(output) or output.is_relative_to(checkpoint):
-        raise MergeError(f"output {output} must be outside the checkpoint directory {checkpoint}")
+    check_output_location(output, checkpoint, "checkpoint")
     shard_limit = parse_size(max_shard_size)
 
     config = VoRAConfig.from_pretrained(str(checkpoint))
@@ -333,13 +343,14 @@ def merge(
     if not base_ref:
         raise MergeError(f"{checkpoint / ckpt.RUN_FILE} does not name the base LLM: pass --base LLM_PATH")
     base_dir = resolve_base(str(base_ref)).absolute()
-    if output == base_dir or output.is_relative_to(base_dir) or base_dir.is_relative_to(output):
-        raise MergeError(f"output {output} must be outside the base LLM directory {base_dir}")
+    check_output_location(output, base_dir, "base LLM")
+    check_existing_output(output, overwrite)
     vora_base = check_base_config(base_dir, config)
     try:
         ckpt.check_base_stage(run, vora_base, base_dir)
     except ckpt.CheckpointError as e:
         raise MergeError(str(e)) from e
+    fingerprint = check_base_identity(base_dir, run, checkpoint, force_base, log, explicit=base is not None)
     prefix = LM_PREFIX if vora_base else ""  # where the LLM's tensors live in the base's files
 
     # --- what the base holds, what the architecture needs --------------------------------------
@@ -391,7 +402,10 @@ def merge(
     adapter_file = checkpoint / ckpt.ADAPTER_WEIGHTS
     if kind == "lora":
         adapter_cfg = read_adapter_config(checkpoint / ckpt.ADAPTER_CONFIG)
+        recorded = recorded_lora(run, config, checkpoint)
+        check_adapter_config(checkpoint / ckpt.ADAPTER_CONFIG, adapter_cfg, recorded)
         lora_plan = plan_adapter(adapter_file, adapter_cfg, base_meta)
+        check_adapted_modules(adapter_file, lora_plan, recorded)
     else:
         lora_plan = {}
         log(f"{checkpoint} has no LoRA adapter (the LLM was frozen, trainable.llm: frozen): the LLM weights are "
@@ -450,6 +464,10 @@ def merge(
         with safe_open(str(path), framework="pt") as f:
             return f.get_tensor(key)
 
+    for stale in ckpt.stale_temp_dirs(output):
+        log(f"removing {stale}: the temporary directory of a merge that did not finish (its process is gone)")
+        shutil.rmtree(stale, ignore_errors=True)
+    provenance = {"checkpoint": str(checkpoint), "base": str(base_dir), "base_fingerprint": fingerprint, "dtype": dtype}
     with ckpt.atomic_directory(output, overwrite=overwrite) as tmp:
 
         def produce(name: str) -> torch.Tensor:
@@ -482,7 +500,7 @@ def merge(
         (tmp / SAFE_INDEX).write_text(
             json.dumps({"metadata": {"total_size": total, "total_parameters": n_params}, "weight_map": weight_map}, indent=2) + "\n"
         )
-        write_support_files(tmp, checkpoint, base_dir, config, target, run)
+        write_support_files(tmp, checkpoint, base_dir, config, target, {**run, MERGE_KEY: provenance})
     summary = {
         "output": str(output), "base": str(base_dir), "base_kind": "vora" if vora_base else "llm", "dtype": dtype,
         "shards": n_shards, "tensors": len(entries), "lora_weights": len(lora_plan), "patch_embedding": vision_source,
@@ -490,6 +508,164 @@ def merge(
     }
     log(f"done in {summary['seconds']} s: {n_params:,} parameters, {total / 1e9:.2f} GB")
     return summary
+
+
+MERGE_KEY = "merged"  # vora_run.json of a merged model: how it was made; also marks it as replaceable by --overwrite
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MergeError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(data, dict):
+        raise MergeError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _is_within(inner: Path, outer: Path) -> bool:
+    """Whether ``inner`` is ``outer`` or lies under it on the real file system: symlinks and '..' resolved, and
+    existing directories compared by device and inode too (bind mounts, other aliases)."""
+    inner_r, outer_r = inner.resolve(), outer.resolve()
+    if inner_r == outer_r or inner_r.is_relative_to(outer_r):
+        return True
+    try:
+        target = os.stat(outer_r)
+    except OSError:
+        return False
+    for p in (inner_r, *inner_r.parents):
+        try:
+            if os.path.samestat(os.stat(p), target):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def check_output_location(output: Path, source: Path, what: str) -> None:
+    """The output may not be the ``source`` (checkpoint or base), lie inside it, or contain it: writing there would
+    change the input, and --overwrite would delete it. Refused whatever the spelling (symlinks, '..', aliases)."""
+    real = f" (really {output.resolve()})" if output.resolve() != output else ""
+    if _is_within(output, source):
+        where = "is" if output.resolve() == source.resolve() else "is inside"
+        raise MergeError(f"output {output}{real} {where} the {what} {source}: choose an --output outside it")
+    if _is_within(source, output):
+        raise MergeError(f"output {output}{real} contains the {what} {source}: choose an --output outside it")
+
+
+def is_merge_output(directory: Path) -> bool:
+    """Whether ``directory`` is what vora-merge writes: its vora_run.json says so, or (older merges) a VoRA model with
+    the code files and no training state (no adapter, no trainer state, not a full fine-tuning run)."""
+    from vora import checkpoint as ckpt
+
+    try:
+        run = ckpt.run_info(directory)
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if isinstance(run.get(MERGE_KEY), dict):
+        return True
+    return (
+        config.get("model_type") == "vora" and bool(config.get("auto_map")) and ckpt.is_full_model(directory)
+        and all((directory / f).is_file() for f in CODE_FILES)
+        and not (directory / ckpt.ADAPTER_WEIGHTS).exists() and not (directory / "trainer_state.json").exists()
+        and (run.get("trainable") or {}).get("llm") != "full"
+    )
+
+
+def check_existing_output(output: Path, overwrite: bool) -> None:
+    """An existing output is replaced only with ``overwrite``, and only when it is empty or a previous merge output:
+    --overwrite never deletes anything else (a run directory, a model, a file)."""
+    if not output.exists() and not output.is_symlink():
+        return
+    if not overwrite:
+        raise MergeError(f"output {output} already exists (pass --overwrite to replace a previous merge output)")
+    if output.is_symlink():
+        raise MergeError(f"output {output} is a symbolic link (to {output.resolve()}): --overwrite does not replace "
+                         "links; pass the real directory or another --output")
+    if not output.is_dir():
+        raise MergeError(f"output {output} is a file, not a previous merge output: not replacing it")
+    if any(output.iterdir()) and not is_merge_output(output):
+        raise MergeError(f"output {output} exists and is not a previous vora-merge output (no '{MERGE_KEY}' entry in "
+                         "its vora_run.json): --overwrite only replaces merge outputs; choose another --output")
+
+
+def short(fingerprint: dict | None) -> str:
+    return fingerprint["sha256"][:12] if isinstance(fingerprint, dict) and fingerprint.get("sha256") else "none"
+
+
+def check_base_identity(base_dir: Path, run: dict, checkpoint: Path, force_base: bool, log,
+                        explicit: bool = True) -> dict | None:
+    """Print the base used next to the one recorded at training time; refuse a base whose fingerprint differs from
+    the recorded one unless ``force_base``. Returns the base's fingerprint (for the output's provenance)."""
+    from vora import checkpoint as ckpt
+
+    given = ckpt.base_fingerprint(base_dir)
+    recorded, recorded_base = run.get("base_fingerprint"), run.get("base_llm")
+    log(f"base: {base_dir} (fingerprint {short(given)}); recorded at training time: {recorded_base} "
+        f"(fingerprint {short(recorded) if recorded else 'not recorded'})")
+    if isinstance(recorded, dict) and recorded.get("sha256"):
+        if given is not None and given["sha256"] == recorded["sha256"]:
+            return given
+        sizes = "" if given is None or given["files"] != recorded.get("files") else " (same file sizes, other contents)"
+        problem = (f"the base {base_dir} (fingerprint {short(given)}) is not the base the checkpoint was trained on: "
+                   f"{recorded_base} (fingerprint {short(recorded)}, in {checkpoint / ckpt.RUN_FILE}){sizes}")
+        if not force_base:
+            raise MergeError(f"{problem}; pass the right --base, or --force-base to merge into this one anyway")
+        log(f"warning: {problem}; merging anyway (--force-base)")
+    elif explicit and recorded_base and Path(str(recorded_base)).expanduser().resolve() != base_dir.resolve():
+        log(f"notice: {checkpoint / ckpt.RUN_FILE} records no base fingerprint (older checkpoint): only the base's "
+            f"config.json was checked; the checkpoint was trained on {recorded_base}, merging into {base_dir}")
+    return given
+
+
+def recorded_lora(run: dict, config, checkpoint: Path) -> list[tuple[str, dict]]:
+    """The LoRA the run trained, as recorded: (where, {"rank", "layers", "targets"}) from vora_run.json's recipe and
+    from config.json's lora_* fields (either may be absent in older or hand-made checkpoints)."""
+    from vora import checkpoint as ckpt
+
+    found = []
+    lora = (run.get("recipe") or {}).get("lora")
+    if isinstance(lora, dict):
+        found.append((f"{checkpoint / ckpt.RUN_FILE} recipe lora", lora))
+    if getattr(config, "lora_rank", None) is not None:
+        found.append((f"{checkpoint / 'config.json'} lora_*",
+                      {"rank": config.lora_rank, "layers": config.lora_layers, "targets": config.lora_targets}))
+    return found
+
+
+def check_adapter_config(path: Path, cfg: dict, recorded: list[tuple[str, dict]]) -> None:
+    """adapter_config.json must describe the LoRA the run recorded (VoRA trains with lora_alpha = r on the first
+    ``layers`` blocks): an adapter from another run is refused, naming the field and both values."""
+    for where, lora in recorded:
+        rank, layers, targets = lora.get("rank"), lora.get("layers"), lora.get("targets")
+        checks = []
+        if rank is not None:
+            checks += [("r", cfg.get("r"), rank, "rank"),
+                       ("lora_alpha", cfg.get("lora_alpha"), rank, "rank (alpha = r)")]
+        if targets and isinstance(cfg.get("target_modules"), list):
+            checks.append(("target_modules", sorted(cfg["target_modules"]), sorted(targets), "targets"))
+        ltt = cfg.get("layers_to_transform")
+        if layers is not None and ltt is not None:
+            checks.append(("layers_to_transform", sorted([ltt] if isinstance(ltt, int) else ltt),
+                           list(range(layers)), "layers"))
+        for field, got, want, name in checks:
+            if got != want:
+                raise MergeError(f"{path}: {field}={got!r} but the run recorded {name} {want!r} ({where}): the adapter "
+                                 "is not this run's; merge the checkpoint directory it was saved in")
+
+
+def check_adapted_modules(path: Path, plan: dict, recorded: list[tuple[str, dict]]) -> None:
+    """The adapter's weights must cover exactly the recorded layers and targets."""
+    got_layers = sorted({int(m.group(1)) for k in plan if (m := re.search(r"\.layers\.(\d+)\.", k))})
+    got_targets = sorted({k.removesuffix(".weight").rsplit(".", 1)[-1] for k in plan})
+    for where, lora in recorded:
+        if lora.get("layers") is not None and got_layers != list(range(lora["layers"])):
+            raise MergeError(f"{path}: adapts blocks {got_layers} but the run recorded layers {lora['layers']} "
+                             f"({where}): the adapter is not this run's")
+        if lora.get("targets") and got_targets != sorted(lora["targets"]):
+            raise MergeError(f"{path}: adapts {got_targets} but the run recorded targets {sorted(lora['targets'])} "
+                             f"({where}): the adapter is not this run's")
 
 
 def ckpt_check(expected, got, what, optional=frozenset()):
@@ -623,8 +799,7 @@ def write_support_files(tmp: Path, checkpoint: Path, base_dir: Path, config, tar
     base_run = ckpt.run_info(base_dir)
     if run and base_run and ckpt.base_is_vora(base_dir):
         run = {**run, "base_run": base_run}  # stage 2: keep how the base was made
-    if run:
-        (tmp / ckpt.RUN_FILE).write_text(json.dumps(run, indent=2, default=str) + "\n")
+    (tmp / ckpt.RUN_FILE).write_text(json.dumps(run, indent=2, default=str) + "\n")
 
 
 def complete_full_model(directory: str | os.PathLike, config, processor) -> None:
@@ -703,7 +878,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True, help="directory to create for the merged model")
     p.add_argument("--base", help="base LLM directory or hub id (default: base_llm from the checkpoint's vora_run.json)")
     p.add_argument("--dtype", default="auto", choices=["auto", *TARGET_DTYPES], help="stored dtype (default: the base's)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output directory (only a previous merge output)")
+    p.add_argument("--force-base", action="store_true",
+                   help="merge into --base even if its fingerprint differs from the base recorded at training time")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     return p
 
@@ -713,7 +891,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         summary = merge(args.checkpoint, args.output, base=args.base, dtype=args.dtype, overwrite=args.overwrite,
-                        max_shard_size=args.max_shard_size, log=lambda m: print(m, flush=True))
+                        max_shard_size=args.max_shard_size, log=lambda m: print(m, flush=True),
+                        force_base=args.force_base)
     except (MergeError, FileExistsError) as e:
         raise SystemExit(f"vora-merge: error: {e}") from None
     print(json.dumps(summary))

@@ -291,7 +291,7 @@ def test_refuses_dora_and_image_token_disagreement(world, tmp_path):
 
 def test_existing_output_overwrite_and_cleanup_on_failure(world, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    out.mkdir()
+    shutil.copytree(world.merged_dir, out)  # a previous merge output: the only kind --overwrite replaces
     (out / "keep.txt").write_text("x")
     with pytest.raises(MergeError, match="already exists"):
         merge(world.ckpt_dir, out, log=lambda m: None)

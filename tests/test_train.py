@@ -207,6 +207,9 @@ def test_checkpoint_holds_trainable_weights_only(world, zero2_run):
     run = json.loads((ck / "vora_run.json").read_text())
     assert run["base_llm"] == str(world / "llm") and run["teacher"]["source"] == str(world / "teacher")
     assert run["recipe"]["lora"]["rank"] == 4 and run["trainable"]["llm"] == "lora"
+    from vora.checkpoint import base_fingerprint
+
+    assert run["base_fingerprint"] == base_fingerprint(world / "llm")  # what vora-merge checks its --base against
 
 
 def test_final_weights_load_with_vora_checkpoint(world, zero2_run):

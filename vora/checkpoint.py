@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -49,30 +50,115 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------------------------
 # atomic directories
 # --------------------------------------------------------------------------------------------
+TMP_MARK = ".tmp-"
+# A temp directory's name says who owns it: ``.NAME.tmp-PID@HOST-XXXXXXXX`` (XXXXXXXX from mkdtemp), so a later run can
+# tell the leftovers of a killed process (dead PID on this host) from a live writer's work in progress.
+TMP_OWNER = re.compile(r"\.tmp-(?P<pid>\d+)@(?P<host>.+)-[^-]+$")
+STALE_TMP_AGE_S = 24 * 3600  # a temp dir of unknown owner (other host, older naming) untouched this long is stale
+
+
+def fsync_tree(directory: str | os.PathLike) -> None:
+    """``fsync`` every file under ``directory`` and every directory (bottom-up), so that a rename that publishes
+    it is never seen before its contents (after a power loss)."""
+    for root, dirs, files in os.walk(directory, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(root)
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _newest_mtime(directory: Path) -> float:
+    newest = directory.stat().st_mtime
+    for root, dirs, files in os.walk(directory):
+        for name in dirs + files:
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+    return newest
+
+
+def stale_temp_dirs(final: str | os.PathLike, max_age_s: float = STALE_TMP_AGE_S) -> list[Path]:
+    """Temp directories of :func:`atomic_directory` for ``final`` left behind by a killed writer: those whose owner
+    PID (on this host) is dead, and those of unknown owner not modified for ``max_age_s`` seconds. A live writer's
+    temp directory is never listed."""
+    import time
+
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    host, now, stale = _host(), time.time(), []
+    for p in final.parent.glob(f".{glob_escape(final.name)}{TMP_MARK}*"):
+        if not p.is_dir() or p.is_symlink():
+            continue
+        m = TMP_OWNER.search(p.name)
+        if m and m["host"] == host:
+            if int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
+                stale.append(p)
+        elif now - _newest_mtime(p) > max_age_s:
+            stale.append(p)
+    return sorted(stale)
+
+
+def _host() -> str:
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
 @contextlib.contextmanager
 def atomic_directory(final: str | os.PathLike, overwrite: bool = False):
     """Yield a fresh temporary directory next to ``final``; on success it becomes ``final`` with one
-    rename, on any failure (exceptions, Ctrl-C) it is removed. ``final`` is never seen half-written.
+    rename, on any failure (exceptions, Ctrl-C) it is removed. ``final`` is never seen half-written, and
+    its files are on disk (``fsync``) before the rename publishes them.
 
     With ``overwrite`` an existing ``final`` is moved aside, replaced, then deleted; without it an
-    existing ``final`` is an error (raised before any work is done).
+    existing ``final`` is an error (raised before any work is done). The temporary directory is named
+    ``.NAME.tmp-PID@HOST-XXXXXXXX`` (see :func:`stale_temp_dirs`).
     """
     final = Path(final).absolute()
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} already exists (pass overwrite=True / --overwrite to replace it)")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    owner = f"{os.getpid()}@{_host()}-"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{TMP_MARK}{owner}", dir=final.parent))
     try:
         yield tmp
+        fsync_tree(tmp)
         if final.exists():
             if not overwrite:
                 raise FileExistsError(f"{final} appeared while writing; not replacing it without overwrite")
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
             os.replace(final, old / "x")
             os.replace(tmp, final)
+            fsync_dir(final.parent)  # the new directory is in place for good before the old one goes
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+            fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -210,6 +296,49 @@ def base_is_vora(base: str | os.PathLike) -> bool:
         return json.loads(path.read_text()).get("model_type") == "vora"
     except (OSError, json.JSONDecodeError):
         return False
+
+
+FINGERPRINT_SAMPLES = 16  # evenly spaced 64 KiB reads per weights file
+FINGERPRINT_CHUNK = 1 << 16
+
+
+def base_fingerprint(base: str | os.PathLike) -> dict | None:
+    """A cheap identity of a model directory's weights, recorded in ``vora_run.json`` at training time and checked by
+    vora-merge: ``{"sha256": ..., "files": {name: size}}`` over every ``*.safetensors`` file's name, size, header and
+    16 evenly spaced 64 KiB samples of its data (a few MiB read, whatever the model size). Another model, another
+    fine-tune or a re-saved base changes it; the same files anywhere (copied, moved, through a symlink) do not.
+    ``base`` may be a hub id found in the local Hugging Face cache; ``None`` when there are no local weights."""
+    import hashlib
+    import struct
+
+    path = Path(base).expanduser()
+    if not path.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(str(base), local_files_only=True))
+        except Exception:  # not a hub id, or not cached: nothing to fingerprint
+            return None
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        return None
+    digest, sizes = hashlib.sha256(), {}
+    try:
+        for f in files:
+            size = f.stat().st_size
+            sizes[f.name] = size
+            digest.update(f"{f.name}\0{size}\0".encode())
+            with open(f, "rb") as fh:
+                head = fh.read(8)
+                n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+                digest.update(head + fh.read(min(n, size)))
+                start, span = 8 + n, max(0, size - 8 - n)
+                for i in range(FINGERPRINT_SAMPLES):
+                    fh.seek(start + span * i // FINGERPRINT_SAMPLES)
+                    digest.update(fh.read(FINGERPRINT_CHUNK))
+    except OSError:  # unreadable weights: whoever loads them reports it; a fingerprint is no reason to fail
+        return None
+    return {"sha256": digest.hexdigest(), "files": sizes}
 
 
 def check_base_stage(run: dict, vora_base: bool, base) -> None:

@@ -247,6 +247,7 @@ def build_model(recipe: Recipe, args) -> Built:
     import torch
     from transformers import AutoConfig
 
+    from .checkpoint import base_fingerprint
     from .distill import Teacher, VoRAForTraining
     from .lora import add_lora
     from .modeling_vora import VoRAForCausalLM
@@ -352,6 +353,7 @@ def build_model(recipe: Recipe, args) -> Built:
 
     run_info = {
         "base_llm": recipe.base,
+        "base_fingerprint": base_fingerprint(recipe.base),  # vora-merge checks it against the --base it is given
         "stage": recipe.stage,
         "teacher": None if not recipe.distill else {
             "source": recipe.distill.teacher, "backend": recipe.distill.backend, "timm_model": recipe.distill.timm_model,
