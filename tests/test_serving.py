@@ -6,7 +6,6 @@ without the image mask, and the plugin / entry-point wiring. The vLLM run itself
 import json
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -210,6 +209,7 @@ def test_image_mask_check_refuses_wrong_serving(change, layer_kw, match):
 # packaging
 # ------------------------------------------------------------------------------------------------
 def test_entry_points_and_extras_are_declared():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     eps = project["entry-points"]
     assert eps["vllm.general_plugins"] == {"vora": "vora.integrations.vllm_plugin:register"}
