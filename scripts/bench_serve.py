@@ -87,7 +87,8 @@ def run_vllm(args, model_dir: str, with_images: bool, image_token_id: int, n_ima
 
     texts, images = prompts(args.prompts, args.text_tokens, args.image_size, image_token_id)
     if with_images:
-        reqs = [{"prompt_token_ids": [image_token_id] + t, "multi_modal_data": {"image": im}} for t, im in zip(texts, images)]
+        reqs = [{"prompt_token_ids": [image_token_id] + t, "multi_modal_data": {"image": im}}
+                for t, im in zip(texts, images)]
     else:  # the same number of prompt tokens, all text
         filler = prompts(args.prompts, n_image_tokens, args.image_size, image_token_id)[0]
         reqs = [{"prompt_token_ids": f + t} for f, t in zip(filler, texts)]

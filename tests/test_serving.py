@@ -92,7 +92,8 @@ def test_token_counts_equal_the_processors_placeholder_expansion(world):
     pre = json.loads((world.merged_dir / "preprocessor_config.json").read_text())
     ip = serving.image_processor_for(config, pre)
     fallback = serving.image_processor_for(config, None)  # no preprocessor_config.json: the sizes in config.json
-    assert (ip.patch_size, ip.min_pixels, ip.max_pixels) == (fallback.patch_size, fallback.min_pixels, fallback.max_pixels)
+    sizes = lambda x: (x.patch_size, x.min_pixels, x.max_pixels)  # noqa: E731
+    assert sizes(ip) == sizes(fallback)
     with pytest.raises(ValueError, match="patch_size=14 but config.json has patch_size=4"):
         serving.image_processor_for(config, {**pre, "patch_size": 14})
     proc = AutoProcessor.from_pretrained(world.merged_dir)

@@ -63,7 +63,8 @@ def test_vllm_processor_expands_images_like_vora_processor(world):
     torch.testing.assert_close(pixels, want["pixel_values"], atol=0, rtol=0)
     # one placeholder range per image, exactly on its run of image tokens (vLLM's bidirectional spans)
     ids = want["input_ids"][0]
-    starts = [i for i in range(len(ids)) if ids[i] == world.image_token_id and (i == 0 or ids[i - 1] != world.image_token_id)]
+    img = world.image_token_id
+    starts = [i for i in range(len(ids)) if ids[i] == img and (i == 0 or ids[i - 1] != img)]
     ranges = [(p.offset, p.length) for p in out["mm_placeholders"]["image"]]
     assert ranges == [(s, int(g.prod())) for s, g in zip(starts, grids)]
     assert processor.info.get_mm_max_tokens_per_item(4096, {"image": 1}) == {"image": 64}

@@ -2,8 +2,8 @@
 elsewhere). One prompt with two images of 4x4 and 6x5 patches:
 
 - float32: vLLM's prompt log-probs equal transformers' (|Δ| ≤ 2e-3 nats) and greedy tokens are identical;
-- bfloat16: mean |Δ log-prob| ≤ 0.05 nats and ≤ 10 % of what serving causally changes; greedy tokens identical up to
-  a step where transformers' top-2 logit margin is below 0.25 (a bf16 near-tie: logits here are ~10 in
+- bfloat16: mean |Δ log-prob| ≤ 0.05 nats and ≤ 10 % of what serving causally changes; greedy tokens identical up
+  to a step where transformers' top-2 logit margin is below 0.25 (a bf16 near-tie: logits here are ~10 in
   size, bf16 keeps ~3 significant digits);
 - the same weights served causally (attention_mode: causal, is_mm_prefix_lm: false) differ — so the test can fail;
 - a bidirectional model whose config.json lacks the flag is refused at model init with the image-mask message.
@@ -89,7 +89,8 @@ def reference(world, proc, prompt, images, dtype):
     """transformers: prompt log-probs (None at position 0), greedy tokens and per-step top-2 margins."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(world.merged_dir, dtype=dtype, attn_implementation="sdpa").cuda().eval()
+    model = AutoModelForCausalLM.from_pretrained(world.merged_dir, dtype=dtype, attn_implementation="sdpa")
+    model = model.cuda().eval()
     inputs = proc(text=prompt, images=images, add_special_tokens=False, return_tensors="pt")
     inputs = {k: v.cuda() for k, v in inputs.items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
@@ -140,7 +141,8 @@ def test_vllm_matches_transformers_and_keeps_the_image_mask(setup, tmp_path, dty
         assert err.max() <= 2e-3, (float(err.max()), float(mask_effect.mean()))
         assert got["tokens"] == want_tokens
     else:
-        assert err.mean() <= 0.05 and err.mean() <= 0.1 * mask_effect.mean(), (float(err.mean()), float(mask_effect.mean()))
+        assert err.mean() <= 0.05 and err.mean() <= 0.1 * mask_effect.mean(), (float(err.mean()),
+                                                                               float(mask_effect.mean()))
         k = next((i for i, (a, b) in enumerate(zip(got["tokens"], want_tokens)) if a != b), None)
         assert k is None or margins[k] < 0.25, (k, got["tokens"], want_tokens, margins)
 

@@ -114,7 +114,9 @@ def read_rows(corpus: Path) -> list[dict]:
     return rows
 
 
-def export_demo_task(demo_out, task_dir, *, task: str = TASK, limit: int | None = None, overwrite: bool = False) -> Path:
+def export_demo_task(
+    demo_out, task_dir, *, task: str = TASK, limit: int | None = None, overwrite: bool = False
+) -> Path:
     """Write the task files into ``task_dir`` (created; with ``overwrite``, only the three task files are
     replaced, nothing else in the directory is touched). Files appear whole or not at all. Returns the YAML path."""
     import datasets

@@ -74,13 +74,17 @@ def image_processor_for(config, preprocessor_config: dict | None = None):
     from ..image_processing_vora import VoRAImageProcessor
 
     if preprocessor_config:
-        kwargs = {k: v for k, v in preprocessor_config.items() if k not in ("auto_map", "image_processor_type", "processor_class")}
+        drop = ("auto_map", "image_processor_type", "processor_class")
+        kwargs = {k: v for k, v in preprocessor_config.items() if k not in drop}
         ip = VoRAImageProcessor(**kwargs)
     else:
-        ip = VoRAImageProcessor(patch_size=config.patch_size, min_pixels=config.min_pixels, max_pixels=config.max_pixels)
+        ip = VoRAImageProcessor(
+            patch_size=config.patch_size, min_pixels=config.min_pixels, max_pixels=config.max_pixels
+        )
     if ip.patch_size != config.patch_size:
         raise ValueError(
-            f"preprocessor_config.json has patch_size={ip.patch_size} but config.json has patch_size={config.patch_size}"
+            f"preprocessor_config.json has patch_size={ip.patch_size} but config.json has "
+            f"patch_size={config.patch_size}"
         )
     return ip
 
