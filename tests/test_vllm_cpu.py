@@ -68,3 +68,33 @@ def test_vllm_processor_expands_images_like_vora_processor(world):
     ranges = [(p.offset, p.length) for p in out["mm_placeholders"]["image"]]
     assert ranges == [(s, int(g.prod())) for s, g in zip(starts, grids)]
     assert processor.info.get_mm_max_tokens_per_item(4096, {"image": 1}) == {"image": 64}
+
+
+def test_openai_chat_request_renders_like_vora_processor(world):
+    """What `vllm serve` does with an OpenAI chat request whose image is a data URL (vllm/renderers/hf.py::
+    HfRenderer.render_messages: parse_chat_messages, then the chat template): with one image before the text the
+    prompt is VoRAProcessor's. (With several images vLLM puts every placeholder first, one per line: README.)"""
+    import base64
+    import io
+
+    from vllm.renderers.chat_utils import parse_chat_messages
+    from vllm.renderers.hf import resolve_chat_template_content_format, safe_apply_chat_template
+    from vllm.tokenizers.registry import cached_tokenizer_from_config
+
+    mc = model_config(world.merged_dir)
+    tokenizer = cached_tokenizer_from_config(mc)
+    image = make_image(12, 16, seed=1)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    request = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                            {"type": "text", "text": "What is in the image?"}]}]
+    fmt = resolve_chat_template_content_format(None, None, "auto", tokenizer, model_config=mc)
+    conversation, mm_data, _ = parse_chat_messages(request, mc, content_format=fmt)
+    prompt = safe_apply_chat_template(mc, tokenizer, conversation, tokenize=False, add_generation_prompt=True)
+
+    ours = AutoProcessor.from_pretrained(world.merged_dir)
+    local = [{"role": "user", "content": [{"type": "image", "image": image},
+                                          {"type": "text", "text": "What is in the image?"}]}]
+    assert prompt == ours.apply_chat_template(local, tokenize=False, add_generation_prompt=True)
+    assert len(mm_data["image"]) == 1
