@@ -733,6 +733,9 @@ def inference_config(config, dtype_name: str | None = None):
     config = copy.deepcopy(config)
     config.auto_map = dict(AUTO_MAP)
     config.architectures = ["VoRAForCausalLM"]
+    from vora.integrations.serving import add_vllm_config_fields
+
+    add_vllm_config_fields(config)  # what vLLM reads: is_mm_prefix_lm (the image mask), architectures
     config.use_cache = True
     if config.text_config is not None:
         config.text_config.use_cache = True

@@ -70,7 +70,7 @@ def save_llm(path: Path, arch: str, vocab: int, tokenizer=None, tie=False, seed=
     return path
 
 
-def build_world(root: Path, arch="qwen2", tie=False, merge_dtype="float32", max_shard_size="60KB") -> World:
+def build_world(root: Path, arch="qwen2", tie=False, merge_dtype="float32", max_shard_size="60KB", hidden=64) -> World:
     from merge_tools.merge import merge
     from vora import VoRAForCausalLM
     from vora.checkpoint import save_trainable
@@ -82,7 +82,7 @@ def build_world(root: Path, arch="qwen2", tie=False, merge_dtype="float32", max_
     tok = build_tokenizer(str(root / "tok"), "chatml", with_image_token=True)
     image_token_id = tok.convert_tokens_to_ids("<image>")
     vocab = len(tok) + 8  # like real LLMs: a few unused embedding rows
-    llm_dir = save_llm(root / "llm", arch, vocab, tokenizer=tok, tie=tie)
+    llm_dir = save_llm(root / "llm", arch, vocab, tokenizer=tok, tie=tie, hidden=hidden)  # 4 heads: head dim hidden/4
     torch.manual_seed(1)
     model = VoRAForCausalLM.from_llm(
         str(llm_dir), image_token_id=image_token_id, patch_size=P, vision_embed_dim=16, position_grid=4,
@@ -96,7 +96,7 @@ def build_world(root: Path, arch="qwen2", tie=False, merge_dtype="float32", max_
     model.eval()
     ip = VoRAImageProcessor(patch_size=P, min_pixels=4 * P * P, max_pixels=64 * P * P)
     processor = VoRAProcessor(image_processor=ip, tokenizer=tok)
-    heads = torch.nn.ModuleList([torch.nn.Linear(64, 16, bias=False) for _ in range(2)])
+    heads = torch.nn.ModuleList([torch.nn.Linear(hidden, 16, bias=False) for _ in range(2)])
     ckpt_dir = save_trainable(
         model, root / "checkpoint-10", base_llm=str(llm_dir), teacher="timm/aimv2-tiny", recipe={"lr": 2e-4},
         processor=processor, heads=heads,
