@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    p.add_argument("--attn-implementation", default=None, help="sdpa (default), eager, flash_attention_2, ...")
+    p.add_argument("--attn-implementation", default=None, help="sdpa (default), eager or flex_attention")
     p.add_argument("--raw", action="store_true", help="no chat template: the prompt is the model input (with <image> placeholders)")
     return p
 
@@ -79,6 +79,12 @@ def main(argv=None) -> int:
         except (OSError, ValueError) as e:
             raise SystemExit(f"vora-generate: error: cannot read image {path}: {e}") from None
         images.append(img.convert("RGB"))
+    from vora.modeling_vora import check_attention_for
+
+    try:  # before loading: a kernel that drops the image mask would answer about causally-read images
+        check_attention_for(args.model, args.attn_implementation, "--attn-implementation")
+    except ValueError as e:
+        raise SystemExit(f"vora-generate: error: {e}") from None
     model, processor = load(args.model, args.device, args.dtype, args.attn_implementation)
     inputs = build_inputs(processor, images, args.prompt, raw=args.raw, system=args.system).to(model.device)
     if "pixel_values" in inputs:
