@@ -71,7 +71,8 @@ def make_corpus(n: int, scale: float, max_side: int, vocab: int, image_token_id:
 
 
 def useful_tokens(samples) -> int:
-    return sum(int((s["labels"] != -100).sum()) + sum(int(h * w) for h, w in s.get("image_grid_hw", [])) for s in samples)
+    labels = sum(int((s["labels"] != -100).sum()) for s in samples)
+    return labels + sum(int(h * w) for s in samples for h, w in s.get("image_grid_hw", []))
 
 
 def build_model(shape: dict, attn: str, dtype, device):
@@ -174,11 +175,13 @@ def main(argv=None) -> int:
         for mode in batches:
             times[mode].append(run_epoch(model, optimizer, batches[mode], device))
 
-    print(f"bench_packing: device {device}{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}, "
+    gpu = f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""
+    print(f"bench_packing: device {device}{gpu}, "
           f"threads {torch.get_num_threads()}, shape {args.shape or ('S' if device.type == 'cuda' else 'tiny')} "
           f"({shape['layers']}x{shape['hidden']}, LoRA r{shape['rank']}), {attn}, {str(dtype).split('.')[-1]}")
     print(f"corpus: {len(corpus)} samples ({n_images} images), {len(micro)} micro-batches of {shape['batch']}, "
-          f"{useful} useful (label + image) tokens; rows padded to a multiple of {bucket}, packed rows <= {shape['max_length']}")
+          f"{useful} useful (label + image) tokens; rows padded to a multiple of {bucket}, "
+          f"packed rows <= {shape['max_length']}")
     print(f"{'':8} {'rows':>6} {'tokens':>8} {'useful %':>9} {'s/epoch':>9} {'useful tok/s':>13}")
     rate = {}
     for mode, bs in batches.items():
@@ -188,7 +191,7 @@ def main(argv=None) -> int:
         rate[mode] = useful / t
         print(f"{mode:8} {rows:>6} {tokens:>8} {100 * useful / tokens:>8.1f}% {t:>9.3f} {rate[mode]:>13.0f}")
     print(f"packed / padded: {rate['packed'] / rate['padded']:.2f}x useful tokens per second")
-    extra = f"compiled graphs after warm-up {graphs_after_warmup}, after all rounds {counters['stats']['unique_graphs']}"
+    extra = f"compiled graphs: {graphs_after_warmup} after warm-up, {counters['stats']['unique_graphs']} after all rounds"
     if device.type == "cuda":
         extra += f"; peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
     print(extra)

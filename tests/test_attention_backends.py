@@ -86,11 +86,12 @@ def test_recipe_validation_names_the_key(tmp_path):
     assert f"command line: model.attn_implementation: 'flash_attention_2' {REFUSED}" in str(e.value)
     assert "use 'flex_attention'" in str(e.value)
     with pytest.raises(ConfigError, match=f"x.yaml: model.attn_implementation: 'flash_attention_2' {REFUSED}"):
-        load_recipe(write(tmp_path, MINIMAL.replace("/models/llm}", "/models/llm, attn_implementation: flash_attention_2}")))
+        load_recipe(write(tmp_path, MINIMAL.replace("llm}", "llm, attn_implementation: flash_attention_2}")))
     # Causal images without packing need no mask beyond padding: allowed. Packing keeps samples apart: refused.
     load_recipe(path, ["model.attn_implementation=flash_attention_2", "model.attention_mode=causal"])
     with pytest.raises(ConfigError, match="model.attn_implementation"):
-        load_recipe(path, ["model.attn_implementation=flash_attention_2", "model.attention_mode=causal", "data.packing=true"])
+        load_recipe(path, ["model.attn_implementation=flash_attention_2", "model.attention_mode=causal",
+                           "data.packing=true"])
 
 
 def test_vora_generate_refuses_before_loading(llm_dir, tmp_path):
@@ -98,7 +99,8 @@ def test_vora_generate_refuses_before_loading(llm_dir, tmp_path):
 
     from vora.generate import main as generate_main
 
-    model = VoRAForCausalLM.from_llm(llm_dir, image_token_id=IMAGE_TOKEN_ID, patch_size=P, vision_embed_dim=16, position_grid=4)
+    model = VoRAForCausalLM.from_llm(llm_dir, image_token_id=IMAGE_TOKEN_ID, patch_size=P, vision_embed_dim=16,
+                                     position_grid=4)
     model.save_pretrained(tmp_path / "vora")
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     argv = ["--model", str(tmp_path / "vora"), "--image", str(tmp_path / "a.png"), "--prompt", "x",
@@ -172,7 +174,8 @@ def test_flex_block_mask_through_the_flex_kernel():
     valid = attention_mask[0].bool()
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=want_mask)
     for block_size in (4, 8):  # flex on CPU accepts any tile; several tiles exercise full/partial/skipped
-        got = flex_attention(q, k, v, block_mask=flex_block_mask(attention_mask, image_block_ids(ids, IMAGE_TOKEN_ID, grid), block_size))
+        block_mask = flex_block_mask(attention_mask, image_block_ids(ids, IMAGE_TOKEN_ID, grid), block_size)
+        got = flex_attention(q, k, v, block_mask=block_mask)
         torch.testing.assert_close(got[:, :, valid], want[:, :, valid], atol=1e-5, rtol=1e-5)
 
 
@@ -199,7 +202,8 @@ def test_flex_model_logits_equal_dense_reference_on_packed_rows(llm_dir):
     position_ids = torch.cat([torch.arange(n) for n in CASES["packed_rows_with_images"][2]])
     position_ids = torch.nn.functional.pad(position_ids, (0, ids.shape[1] - len(position_ids)))[None]
     with torch.no_grad():
-        got = model(input_ids=ids, attention_mask=seg, position_ids=position_ids, pixel_values=pixels, image_grid_hw=grid).logits
+        got = model(input_ids=ids, attention_mask=seg, position_ids=position_ids, pixel_values=pixels,
+                    image_grid_hw=grid).logits
         want = reference_logits(model, ids, seg, pixels, grid, position_ids=position_ids)
     valid = seg.bool()
     torch.testing.assert_close(got[valid], want[valid], atol=1e-4, rtol=1e-4)

@@ -110,9 +110,10 @@ def train_step(model, batch, dense: bool):
     """Loss and gradients of one step: through the model's own (flex) mask, or eager with the dense reference."""
     model.zero_grad(set_to_none=True)
     if dense:
-        allowed = dense_reference_mask(batch["input_ids"].cpu(), batch["attention_mask"].cpu(), batch["image_grid_hw"].cpu()).cuda()
         embeds, _ = model.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["image_grid_hw"])
-        mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device="cuda").masked_fill(~allowed, torch.finfo(embeds.dtype).min)
+        allowed = dense_reference_mask(*(batch[k].cpu() for k in ("input_ids", "attention_mask", "image_grid_hw")))
+        mask = torch.zeros(allowed.shape, dtype=embeds.dtype).masked_fill(~allowed, torch.finfo(embeds.dtype).min)
+        mask = mask.to(embeds.device)
         model.language_model.set_attn_implementation("eager")
         try:
             logits = model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=batch["position_ids"]).logits

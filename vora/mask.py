@@ -98,7 +98,10 @@ def flex_block_mask(segment_ids: torch.Tensor, block_ids: torch.Tensor | None, b
     pad = n * block_size - L
     # Padded to whole tiles (segment 0, no image): the kernel may read ids past L in the last tile.
     seg = torch.nn.functional.pad(segment_ids.long(), (0, pad), value=0)
-    img = torch.full_like(seg, -1) if block_ids is None else torch.nn.functional.pad(block_ids.long(), (0, pad), value=-1)
+    if block_ids is None:
+        img = torch.full_like(seg, -1)
+    else:
+        img = torch.nn.functional.pad(block_ids.long(), (0, pad), value=-1)
 
     big = torch.iinfo(torch.long).max
     seg_t, img_t = seg.view(B, n, block_size), img.view(B, n, block_size)
@@ -124,7 +127,8 @@ def flex_block_mask(segment_ids: torch.Tensor, block_ids: torch.Tensor | None, b
 
     def ordered(tiles):  # dense [B, n, n] tile flags → (count, column indices, listed first) per query tile
         tiles = tiles.to(torch.int32)[:, None]  # one head: the mask is the same for every head
-        return tiles.sum(-1, dtype=torch.int32), torch.argsort(tiles, dim=-1, descending=True, stable=True).to(torch.int32)
+        order = torch.argsort(tiles, dim=-1, descending=True, stable=True)
+        return tiles.sum(-1, dtype=torch.int32), order.to(torch.int32)
 
     def mask_mod(b, h, q_idx, kv_idx):
         same_sample = (seg[b, q_idx] == seg[b, kv_idx]) & (seg[b, kv_idx] > 0)
@@ -139,7 +143,9 @@ def flex_block_mask(segment_ids: torch.Tensor, block_ids: torch.Tensor | None, b
 
 def _is_prepared(mask) -> bool:
     """A mask the kernel will apply: a 4-D tensor or a BlockMask (not None, not the 2-D padding mask)."""
-    return mask is not None and (type(mask).__name__ == "BlockMask" or (isinstance(mask, torch.Tensor) and mask.dim() == 4))
+    if type(mask).__name__ == "BlockMask":
+        return True
+    return isinstance(mask, torch.Tensor) and mask.dim() == 4
 
 
 def build_attention_masks(
@@ -176,9 +182,11 @@ def build_attention_masks(
         if impl == "flex_attention" and cache is None:
             # Training / no-cache forward: our BlockMask (no dense mask, no compiled mask builder). With a cache
             # (generation) transformers sizes the mask against it.
-            B, L = inputs_embeds.shape[:2]
-            seg = attention_mask if attention_mask is not None else torch.ones(B, L, dtype=torch.long, device=inputs_embeds.device)
-            masks["full_attention"] = flex_block_mask(seg.to(inputs_embeds.device), block_ids)
+            device = inputs_embeds.device
+            seg = attention_mask
+            if seg is None:  # no padding, one sample per row
+                seg = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=device)
+            masks["full_attention"] = flex_block_mask(seg.to(device), block_ids)
         else:
             masks["full_attention"] = create_causal_mask(**kwargs)
     if "sliding_attention" in layer_types:
