@@ -114,11 +114,12 @@ def train_step(model, batch, dense: bool):
         allowed = dense_reference_mask(*(batch[k].cpu() for k in ("input_ids", "attention_mask", "image_grid_hw")))
         mask = torch.zeros(allowed.shape, dtype=embeds.dtype).masked_fill(~allowed, torch.finfo(embeds.dtype).min)
         mask = mask.to(embeds.device)
+        previous = model.language_model.config._attn_implementation
         model.language_model.set_attn_implementation("eager")
         try:
             logits = model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=batch["position_ids"]).logits
         finally:
-            model.language_model.set_attn_implementation("flex_attention")
+            model.language_model.set_attn_implementation(previous)
     else:
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     loss = lm_loss(logits, batch["labels"])
