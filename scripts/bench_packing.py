@@ -36,7 +36,7 @@ SHAPES = {
     "tiny": dict(hidden=64, layers=2, heads=4, kv=2, ffn=128, vocab=512, patch=4, rank=8,
                  samples=32, scale=0.25, max_side=8, batch=8, max_length=512),
     "mid": dict(hidden=512, layers=4, heads=8, kv=2, ffn=1408, vocab=8192, patch=14, rank=32,
-                samples=24, scale=1.0, max_side=24, batch=4, max_length=2048),
+                samples=16, scale=1.0, max_side=24, batch=4, max_length=2048),
     "S": dict(hidden=896, layers=24, heads=14, kv=2, ffn=4864, vocab=151936, patch=14, rank=512,
               samples=256, scale=1.0, max_side=24, batch=8, max_length=2048),
 }
