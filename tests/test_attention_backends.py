@@ -94,6 +94,26 @@ def test_recipe_validation_names_the_key(tmp_path):
                            "data.packing=true"])
 
 
+def test_flex_recipes_bucket_rows_to_whole_tiles(tmp_path):
+    """With flex_attention, rows are padded to a multiple of 128 (one compiled shape per bucket) unless set."""
+    from types import SimpleNamespace
+
+    from vora.train import build_collator
+
+    path = write(tmp_path, MINIMAL)
+    flex = load_recipe(path, ["model.attn_implementation=flex_attention", "data.packing=true"])
+    assert flex.data.pad_to_multiple_of == 128 and flex.to_dict()["data"]["pad_to_multiple_of"] == 128
+    collator = build_collator(flex, SimpleNamespace(pad_token_id=0, patch_size=14))
+    assert collator.pad_to_multiple_of == 128 and collator.packing
+    batch = collator([{"input_ids": torch.arange(3, 203), "labels": torch.arange(3, 203)}])
+    assert batch["input_ids"].shape == (1, 256)
+    assert load_recipe(path, ["model.attn_implementation=sdpa"]).data.pad_to_multiple_of is None
+    explicit = load_recipe(path, ["model.attn_implementation=flex_attention", "data.pad_to_multiple_of=64"])
+    assert explicit.data.pad_to_multiple_of == 64
+    with pytest.raises(ConfigError, match="data.pad_to_multiple_of: expected >= 1"):
+        load_recipe(path, ["data.pad_to_multiple_of=0"])
+
+
 def test_vora_generate_refuses_before_loading(llm_dir, tmp_path):
     from PIL import Image
 
