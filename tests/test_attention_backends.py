@@ -7,6 +7,8 @@
   the token-loop dense reference of tests/test_model.py, through the real flex kernel too.
 """
 
+import re
+
 import pytest
 import torch
 from transformers import Qwen2Config
@@ -45,7 +47,7 @@ def test_issue_reproduction_is_refused_at_run_time(impl):
     mask = build_attention_masks(config, embeds, attention_mask, None, None, blocks, packed=False)
     assert mask.dtype == torch.bool and mask[0, 0, 2, 5]  # sdpa: the first image token sees the last one
     config._attn_implementation = impl
-    with pytest.raises(ValueError, match=f"attn_implementation: '{impl}' {REFUSED}.*use 'flex_attention'"):
+    with pytest.raises(ValueError, match=f"attn_implementation: '{re.escape(impl)}' {REFUSED}.*use 'flex_attention'"):
         build_attention_masks(config, embeds, attention_mask, None, None, blocks, packed=False)
     # Packing alone (causal images) needs the mask too.
     with pytest.raises(ValueError, match=REFUSED):
