@@ -94,7 +94,9 @@ class ModelSection:
     image_mean: list[float] | None = _doc("student pixel normalisation mean (default CLIP's)", default=None)
     image_std: list[float] | None = _doc("student pixel normalisation std (default CLIP's)", default=None)
     attention_mode: Literal["bidirectional", "causal"] | None = _doc("attention inside image runs (default bidirectional)", default=None)
-    attn_implementation: str | None = _doc("eager | sdpa | flex_attention | flash_attention_2 (default: transformers' choice)", default=None)
+    attn_implementation: str | None = _doc(
+        "flex_attention (fast on CUDA) | sdpa | eager (default: transformers' choice, sdpa); kernels that drop the image "
+        "mask (flash_attention_*, hub kernels) are refused with bidirectional images or packing", default=None)
     dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = _doc(
         "weights dtype at load (default: bfloat16 with train.bf16 under DeepSpeed, else float32)", default=None)
     init_patch_embed_from_teacher: bool = _doc("copy the teacher's patch conv (and norm / positions) into the patch embedding", default=True)
@@ -141,6 +143,9 @@ class DataSection:
     eval_sources: list[SourceSpec] | None = _doc("evaluation sources (optional)", default=None)
     max_length: int | None = _doc("tokens per sample (longer ones are truncated; with packing: per packed row)", default=2048)
     packing: bool = _doc("pack the samples of a micro-batch into rows of max_length", default=False)
+    pad_to_multiple_of: int | None = _doc(
+        "round each batch's row length up to a multiple of this (default: 128 with model.attn_implementation "
+        "flex_attention, so compiled kernels see few shapes; else none)", default=None)
     on_bad_sample: Literal["skip", "error"] = _doc("skip (count and report) or raise on a bad sample", default="skip")
     num_workers: int = _doc("DataLoader worker processes per rank", default=0)
     cache_dir: str | None = _doc("Arrow cache for JSON sources (default $VORA_DATA_CACHE or ~/.cache/vora/data)", default=None)
@@ -552,6 +557,19 @@ def load_recipe(path: str | None, overrides: list[str] | list[tuple[str, Any]] |
         raise ctx.error("data.sources", "empty list")
     if data.packing and not data.max_length:
         raise ctx.error("data.packing", "packing needs data.max_length (the capacity of a packed row)")
+    if data.pad_to_multiple_of is not None and data.pad_to_multiple_of < 1:
+        raise ctx.error("data.pad_to_multiple_of", f"expected >= 1, got {data.pad_to_multiple_of}")
+    if data.pad_to_multiple_of is None and model.attn_implementation == "flex_attention":
+        from .mask import FLEX_BLOCK_SIZE
+
+        data.pad_to_multiple_of = FLEX_BLOCK_SIZE  # a whole number of flex tiles: one compiled shape per bucket
+    needs_mask = (model.attention_mode or "bidirectional") == "bidirectional" or data.packing
+    if model.attn_implementation is not None and needs_mask:  # images bidirectional, or samples kept apart
+        from .mask import attn_implementation_problem
+
+        problem = attn_implementation_problem(model.attn_implementation)
+        if problem:
+            raise ctx.error("model.attn_implementation", problem)
     if data.max_length is not None and data.max_length < 1:
         raise ctx.error("data.max_length", f"expected >= 1, got {data.max_length}")
     if data.num_workers < 0:

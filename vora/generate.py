@@ -116,6 +116,7 @@ def load_model(model_dir: str, device: str = "auto", dtype: str = "auto", attn_i
     from transformers import AutoModelForCausalLM
 
     import vora  # noqa: F401  (registers the Auto classes: no remote code needed)
+    from vora.modeling_vora import check_attention_for
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -137,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    p.add_argument("--attn-implementation", default=None, help="sdpa (default), eager, flash_attention_2, ...")
+    p.add_argument("--attn-implementation", default=None, help="sdpa (default), eager or flex_attention")
     p.add_argument("--raw", action="store_true", help="no chat template: the prompt is the model input (with <image> placeholders)")
     return p
 
@@ -180,6 +181,10 @@ def generate(args) -> int:
         raise UsageError("the input is empty (no prompt text, no image): there is nothing to generate from")
     prompt_len = inputs["input_ids"].shape[-1]
     max_new_tokens = cap_new_tokens(args.max_new_tokens, prompt_len, AutoConfig.from_pretrained(model_dir))
+    try:  # before loading: a kernel that drops the image mask would answer about causally-read images
+        check_attention_for(model_dir, args.attn_implementation, "--attn-implementation")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     model = load_model(model_dir, args.device, args.dtype, args.attn_implementation)
     inputs = inputs.to(model.device)
     if "pixel_values" in inputs:

@@ -16,7 +16,16 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_vora import VoRAConfig
-from .mask import build_attention_masks, image_block_ids
+from .mask import build_attention_masks, check_attn_implementation, image_block_ids
+
+
+def check_attention_for(model_dir, attn_implementation, setting: str = "attn_implementation") -> None:
+    """Refuse, before any weight is loaded, an attention implementation that would drop the image mask of the
+    VoRA checkpoint in `model_dir` (only its `attention_mode: bidirectional` needs the mask)."""
+    if attn_implementation is None:
+        return
+    if VoRAConfig.from_pretrained(model_dir).attention_mode == "bidirectional":
+        check_attn_implementation(attn_implementation, setting)
 
 
 class VoRAPatchEmbed(nn.Module):
@@ -88,15 +97,41 @@ class VoRAForCausalLM(VoRAPreTrainedModel, GenerationMixin):
             language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.language_model = language_model
         self._no_split_modules = getattr(language_model, "_no_split_modules", None)
+        self._check_attention(language_model.config._attn_implementation)
         self.post_init()
+
+    # --- attention kernels: only those that honour VoRA's mask (see vora/mask.py) ----------------------
+    def _check_attention(self, impl):
+        # Causal mode needs no mask beyond padding, which every kernel handles; packing is checked per batch.
+        if self.config.attention_mode == "bidirectional":
+            check_attn_implementation(impl)
+
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        # Checked before transformers loads or dispatches the kernel, so the error is ours, not an import error.
+        self._check_attention(attn_implementation)
+        return super().set_attn_implementation(attn_implementation, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        config = kwargs.get("config")
+        impl = kwargs.get("attn_implementation") or getattr(config, "_attn_implementation_internal", None)
+        if isinstance(config, VoRAConfig):
+            if config.attention_mode == "bidirectional":
+                check_attn_implementation(impl)
+        elif impl is not None:
+            check_attention_for(pretrained_model_name_or_path, impl)  # reads config.json only
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
     def from_llm(cls, llm, *, image_token_id: int, dtype=None, attn_implementation: str | None = None, **vora_kwargs):
         """Wrap a pretrained LLM (path, hub id or loaded model) in a fresh VoRA model.
 
-        The LLM is loaded once, with its own weights; only the patch embedding is new.
+        The LLM is loaded once, with its own weights; only the patch embedding is new. An attention
+        implementation that would drop VoRA's image mask is refused before anything is loaded.
         """
+        if vora_kwargs.get("attention_mode", "bidirectional") == "bidirectional":
+            check_attn_implementation(attn_implementation)
         if not isinstance(llm, PreTrainedModel):
             kwargs = {}
             if dtype is not None:

@@ -389,7 +389,8 @@ def build_collator(recipe: Recipe, processor):
 
     d = recipe.data
     return VoRACollator(pad_token_id=processor.pad_token_id, padding_side="right",
-                        max_length=d.max_length if d.packing else None, packing=d.packing, patch_size=processor.patch_size)
+                        max_length=d.max_length if d.packing else None, packing=d.packing, patch_size=processor.patch_size,
+                        pad_to_multiple_of=d.pad_to_multiple_of)
 
 
 # ---------------------------------------------------------------------------------------------------- run
