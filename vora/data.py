@@ -157,6 +157,11 @@ class BadSampleCounter:
         return out
 
 
+class DataError(ValueError):
+    """The data cannot train the run: an empty source, or too many of its samples skipped (see
+    ``data.max_skip_fraction``). The message names the file or the per-reason skip counts."""
+
+
 class SampleError(VoRASampleError):
     """A bad sample found while reading a record (same ``reason`` keys as the processor's)."""
 
@@ -592,6 +597,6 @@ class VoRADataset(torch.utils.data.Dataset):
 
 
 __all__ = [
-    "VoRADataset", "DataSource", "BadSampleCounter", "SKIP_REASONS", "record_to_conversation", "open_image",
+    "VoRADataset", "DataSource", "BadSampleCounter", "DataError", "SKIP_REASONS", "record_to_conversation", "open_image",
     "infer_format",
 ]
