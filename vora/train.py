@@ -550,7 +550,7 @@ def _lock_output_dir(recipe: Recipe, args):
         run_id = uuid.uuid4().hex[:12]
         try:
             if os.path.exists(out) and not os.path.isdir(out):
-                raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory")
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), out)
             lock = RunLock(out, run_id).acquire()
         except RunLockError as e:
             error = ("lock", str(e))

@@ -161,8 +161,9 @@ class DataReportCallback(TrainerCallback):
     :class:`DataError` (every rank: the counts are all-reduced) before any further step or ``final/``.
 
     Checked at steps 1, 2, 4, 8, … and every 100 steps once enough samples were read to judge (``min(16, len)``
-    for "none usable", ``min(100, len)`` for the fraction: a few unlucky first batches do not stop a run), and
-    always at the end of an epoch and of training."""
+    for "none usable", ``min(100, len)`` for the fraction: a few unlucky first batches do not stop a run), before
+    every checkpoint ("none usable" only: a run that trained on nothing saves nothing), and always at the end of an
+    epoch and of training."""
 
     def __init__(self, dataset, output_dir: str, is_main: bool, max_skip_fraction: float = 0.5):
         self.dataset = dataset
@@ -195,7 +196,7 @@ class DataReportCallback(TrainerCallback):
             with open(os.path.join(self.output_dir, "data_report.json"), "w") as f:
                 json.dump(rep, f, indent=2)
 
-    def _check(self, rep, final: bool) -> None:
+    def _check(self, rep, final: bool, before_save: bool = False) -> None:
         if rep is None:
             return
         ok, skipped = rep["ok"], rep["skipped_total"]
@@ -203,7 +204,7 @@ class DataReportCallback(TrainerCallback):
         n = len(self.dataset)
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(rep["skipped"].items(), key=lambda kv: -kv[1]))
         error = None
-        if ok == 0 and skipped and (final or seen >= min(16, n)):
+        if ok == 0 and skipped and (final or before_save or seen >= min(16, n)):
             error = (f"data: no usable sample: all {skipped} samples read so far were skipped ({reasons}); "
                      "the log names the first ones by file:line — fix the data (or data.max_length), or run with "
                      "data.on_bad_sample: error to stop at the first bad one")
@@ -217,8 +218,10 @@ class DataReportCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
-        if step & (step - 1) == 0 or step % 100 == 0:  # 1, 2, 4, 8, ... then every 100: one small all-reduce
-            self._check(self._counts(), final=False)
+        # At 1, 2, 4, 8, ... then every 100 (one small all-reduce), and before every checkpoint: a run that has
+        # trained on nothing writes none.
+        if control.should_save or step & (step - 1) == 0 or step % 100 == 0:
+            self._check(self._counts(), final=False, before_save=control.should_save)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self._check(self._report(f"data report (epoch {state.epoch:.2f})"), final=True)
