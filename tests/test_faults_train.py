@@ -53,14 +53,15 @@ def _no_launcher_env() -> dict:
 def run_code(world, out, prelude="", timeout=300, **extra) -> subprocess.CompletedProcess:
     """`vora.train.main` in a fresh interpreter without launcher variables; ``prelude`` runs first (fault injection
     on the test side: product code has no test hooks)."""
-    code = prelude + "\nimport sys\nfrom vora.train import main\nsys.exit(main(sys.argv[1:]))\n"
+    code = prelude + "\nimport sys\nfrom vora.train import main\nsys.argv[0] = 'vora-train'\nsys.exit(main())\n"
     cmd = [sys.executable, "-c", code, str(TINY), *_base_overrides(world, out, **extra)]
     return subprocess.run(cmd, cwd=REPO, env=_no_launcher_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def error_line(proc: subprocess.CompletedProcess) -> str:
     """The one `vora-train: error:` line of a failed run (exit 2, no traceback)."""
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("vora-train: error:")]
+    # (a progress bar may still be on the terminal line the message starts on)
+    lines = [ln[ln.index("vora-train: error:"):] for ln in proc.stderr.splitlines() if "vora-train: error:" in ln]
     assert proc.returncode == 2 and len(lines) == 1, f"rc {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
     assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
     return lines[0]

@@ -81,7 +81,10 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 def _is_local(path: str) -> bool:
-    return path.startswith(("/", "./", "../", "~")) or not _HUB_ID.fullmatch(path)
+    """A path that cannot be a hub id, or ``dir/name`` whose ``dir`` is a local directory (a mistyped ``name``)."""
+    if path.startswith(("/", "./", "../", "~")) or not _HUB_ID.fullmatch(path):
+        return True
+    return "/" in path and os.path.isdir(path.split("/", 1)[0])
 
 
 def check_local_paths(recipe: Recipe) -> None:
