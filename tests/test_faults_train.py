@@ -274,10 +274,9 @@ def test_missing_paths_are_one_line_at_once_also_with_print_config(world, tmp_pa
 
 
 @pytest.mark.parametrize("case", ["empty_data", "teacher_not_vit", "lora_too_deep", "lora_target", "lr", "batch",
-                                  "output_is_file", "resume_truncated", "resume_empty_run_file", "resume_mixed"])
-def test_late_errors_are_one_line(world, reference, tmp_path, capsys, case):
+                                  "output_is_file"])
+def test_late_errors_are_one_line(world, tmp_path, capsys, case):
     """Each error found while building or starting a run is one line naming the key or file and the fix."""
-    ref, _ = reference
     out = tmp_path / "o"
     if case == "empty_data":
         (tmp_path / "empty.jsonl").write_text("")
@@ -303,23 +302,28 @@ def test_late_errors_are_one_line(world, reference, tmp_path, capsys, case):
         line = _main_error(capsys, world, tmp_path / "file")
         assert "train.output_dir: cannot use" in line and "Not a directory" in line
         assert (tmp_path / "file").read_text() == "mine"
-    else:
-        ck = tmp_path / "checkpoint-6"
-        shutil.copytree(ref / "checkpoint-6", ck)
-        if case == "resume_truncated":
-            bad = ck / "vora_trainable.safetensors"
-            bad.write_bytes(bad.read_bytes()[:100])
-        elif case == "resume_empty_run_file":
-            bad = ck / "vora_run.json"
-            bad.write_text("")
-        else:  # files of two runs in one directory
-            bad = ck
-            manifest = json.loads((ck / "vora_checkpoint.json").read_text())
-            (ck / "vora_checkpoint.json").write_text(json.dumps({**manifest, "run_id": "0123456789ab"}))
-        line = _main_error(capsys, world, out, f"train.resume_from_checkpoint={ck}")
-        assert "train.resume_from_checkpoint" in line and str(bad) in line, line
-        if case == "resume_mixed":
-            assert "come from different runs" in line
+
+
+@pytest.mark.parametrize("case", ["truncated", "empty_run_file", "mixed"])
+def test_damaged_checkpoint_given_by_path_is_one_line(world, reference, tmp_path, capsys, case):
+    """Truncated safetensors, a 0-byte vora_run.json, files of two runs: one line naming the file."""
+    ref, _ = reference
+    ck = tmp_path / "checkpoint-6"
+    shutil.copytree(ref / "checkpoint-6", ck)
+    if case == "truncated":
+        bad = ck / "vora_trainable.safetensors"
+        bad.write_bytes(bad.read_bytes()[:100])
+    elif case == "empty_run_file":
+        bad = ck / "vora_run.json"
+        bad.write_text("")
+    else:  # files of two runs in one directory
+        bad = ck
+        manifest = json.loads((ck / "vora_checkpoint.json").read_text())
+        (ck / "vora_checkpoint.json").write_text(json.dumps({**manifest, "run_id": "0123456789ab"}))
+    line = _main_error(capsys, world, tmp_path / "o", f"train.resume_from_checkpoint={ck}")
+    assert "train.resume_from_checkpoint" in line and str(bad) in line, line
+    if case == "mixed":
+        assert "come from different runs" in line
 
 
 def test_auto_resume_with_every_checkpoint_damaged_is_an_error(world, reference, tmp_path):
