@@ -197,8 +197,8 @@ def test_no_usable_sample_stops_before_any_checkpoint(world, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- in process
 def test_skip_fraction_rule():
-    """DataReportCallback: more than data.max_skip_fraction skipped stops (once enough samples were read to judge,
-    and always at the end); all skipped stops whatever the fraction; counts by reason in the message."""
+    """DataReportCallback: more than data.max_skip_fraction skipped stops (once enough samples were read to judge);
+    all skipped stops whatever the fraction; counts by reason in the message."""
     from vora.data import BadSampleCounter, DataError
     from vora.trainer import DataReportCallback
 

@@ -160,10 +160,10 @@ class DataReportCallback(TrainerCallback):
     a run whose samples read so far are all skipped, or more than ``max_skip_fraction`` of them, raises
     :class:`DataError` (every rank: the counts are all-reduced) before any further step or ``final/``.
 
-    Checked at steps 1, 2, 4, 8, … and every 100 steps once enough samples were read to judge (``min(16, len)``
-    for "none usable", ``min(100, len)`` for the fraction: a few unlucky first batches do not stop a run), before
-    every checkpoint ("none usable" only: a run that trained on nothing saves nothing), and always at the end of an
-    epoch and of training."""
+    Checked at steps 1, 2, 4, 8, … and every 100 steps, before every checkpoint, and at the end of an epoch and of
+    training. The fraction is judged once ``min(100, len)`` samples were read (a few unlucky batches, or the last
+    steps of a resumed run, do not stop a run); "none usable" once ``min(16, len)`` were, before a checkpoint (a
+    run that trained on nothing saves nothing) and at the ends."""
 
     def __init__(self, dataset, output_dir: str, is_main: bool, max_skip_fraction: float = 0.5):
         self.dataset = dataset
@@ -208,7 +208,7 @@ class DataReportCallback(TrainerCallback):
             error = (f"data: no usable sample: all {skipped} samples read so far were skipped ({reasons}); "
                      "the log names the first ones by file:line — fix the data (or data.max_length), or run with "
                      "data.on_bad_sample: error to stop at the first bad one")
-        elif seen and skipped / seen > self.max_skip_fraction and (final or seen >= min(100, n)):
+        elif seen >= min(100, n) and skipped / seen > self.max_skip_fraction:
             error = (f"data: {skipped} of {seen} samples read so far were skipped ({skipped / seen:.0%}: {reasons}), "
                      f"more than data.max_skip_fraction {self.max_skip_fraction:g}; the log names the first ones by "
                      "file:line — fix the data, or raise data.max_skip_fraction to train on the rest")
