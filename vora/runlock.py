@@ -79,8 +79,13 @@ class RunLock:
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise  # a filesystem without flock: say so rather than run unprotected
                 holder = self._read(fd)
+                who = _describe(holder)
+                pid = holder.get("pid")
+                if holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid):
+                    # The lock outlived its taker: a process it forked holds the descriptor.
+                    who += f"; PID {pid} is gone but a process it started holds the lock (see: fuser {self.path})"
                 raise RunLockError(
-                    f"{self.output_dir} is in use by another vora-train run: {_describe(holder)}. Wait for it to end or "
+                    f"{self.output_dir} is in use by another vora-train run: {who}. Wait for it to end or "
                     f"stop that process (every process of it), or use another train.output_dir") from None
             previous = self._read(fd)
             if previous:
