@@ -62,7 +62,8 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     """The one `vora-train: error:` line of a failed run (exit 2, no traceback)."""
     # (a progress bar may still be on the terminal line the message starts on)
     lines = [ln[ln.index("vora-train: error:"):] for ln in proc.stderr.splitlines() if "vora-train: error:" in ln]
-    assert proc.returncode == 2 and len(lines) == 1, f"rc {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 2 and len(lines) == 1, \
+        f"rc {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
     assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
     return lines[0]
 
@@ -173,7 +174,8 @@ def test_second_run_on_a_busy_output_dir_is_refused(world, tmp_path):
         assert f"is in use by another vora-train run: PID {holder.pid} on host {socket.gethostname()}" in line
         assert time.time() - t0 < 120
         cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
-               "--module", "vora.train", str(TINY), *_base_overrides(world, out, **{"train.per_device_train_batch_size": 1})]
+               "--module", "vora.train", str(TINY),
+               *_base_overrides(world, out, **{"train.per_device_train_batch_size": 1})]
         proc = subprocess.run(cmd, cwd=REPO, env=_env(single=False), capture_output=True, text=True, timeout=240)
         assert proc.returncode != 0
         assert f"PID {holder.pid}" in proc.stdout + proc.stderr
@@ -189,7 +191,8 @@ def test_no_usable_sample_stops_before_any_checkpoint(world, tmp_path):
                                                             {"from": "gpt", "value": "A dog."}]} for i in range(16)]
     write_jsonl(str(tmp_path / "bad.jsonl"), rows)
     out = tmp_path / "nothing"
-    line = error_line(run_code(world, out, **{"data.sources.0.path": str(tmp_path / "bad.jsonl"), "train.max_steps": 20}))
+    proc = run_code(world, out, **{"data.sources.0.path": str(tmp_path / "bad.jsonl"), "train.max_steps": 20})
+    line = error_line(proc)
     assert "no usable sample" in line and "image_missing" in line, line
     assert not (out / "final").exists() and not list(out.glob("checkpoint-*"))
     assert json.loads((out / "data_report.json").read_text())["ok"] == 0
@@ -261,7 +264,8 @@ def _main_error(capsys, world, out, *extra, exc=None):
 def test_missing_paths_are_one_line_at_once_also_with_print_config(world, tmp_path, capsys):
     out = tmp_path / "o"
     for extra, expected in [
-        ([f"data.sources.0.path={tmp_path / 'none.jsonl'}"], "command line: data.sources.0.path: no such file or directory"),
+        ([f"data.sources.0.path={tmp_path / 'none.jsonl'}"],
+         "command line: data.sources.0.path: no such file or directory"),
         ([f"model.llm={tmp_path / 'no_llm'}"], f"command line: model.llm: no such directory: {tmp_path / 'no_llm'}"),
         ([f"distill.teacher={tmp_path / 'no_vit'}"], "command line: distill.teacher: no such directory"),
         ([f"data.sources.0.image_root={tmp_path / 'no_img'}"], "data.sources.0.image_root: no such directory"),

@@ -157,7 +157,8 @@ def read_json(path: str | os.PathLike) -> dict:
         data = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         size = Path(path).stat().st_size if Path(path).is_file() else 0
-        raise CheckpointError(f"{path}: not a readable JSON file ({size} bytes: {e}); the checkpoint is damaged") from None
+        raise CheckpointError(f"{path}: not a readable JSON file ({size} bytes: {e}); "
+                              "the checkpoint is damaged") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}; the checkpoint is damaged")
     return data
@@ -477,5 +478,6 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p.is_dir()]
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir()
+             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p.is_dir()]
     return [p for _, p in sorted(found, reverse=True)]

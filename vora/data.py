@@ -600,6 +600,7 @@ class VoRADataset(torch.utils.data.Dataset):
 
 
 __all__ = [
-    "VoRADataset", "DataSource", "BadSampleCounter", "DataError", "SKIP_REASONS", "record_to_conversation", "open_image",
+    "VoRADataset", "DataSource", "BadSampleCounter", "DataError", "SKIP_REASONS", "record_to_conversation",
+    "open_image",
     "infer_format",
 ]

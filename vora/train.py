@@ -397,7 +397,8 @@ def build_model(recipe: Recipe, args) -> Built:
             add_lora(vora, num_layers=lo.layers, rank=lo.rank, targets=lo.targets)
         except ValueError as e:  # lora.layers beyond the LLM, a target that is not one of its linear layers
             key, _, msg = str(e).partition(": ")
-            raise ConfigError(f"{recipe.where(key)}: {msg}" if key.startswith("lora.") else f"{recipe.source}: {e}") from None
+            text = f"{recipe.where(key)}: {msg}" if key.startswith("lora.") and msg else f"{recipe.source}: {e}"
+            raise ConfigError(text) from None
     elif mode == "full":
         vora.language_model.requires_grad_(True)
     else:
@@ -514,7 +515,8 @@ def _resume_target(recipe: Recipe, output_dir: str):
         found = list_checkpoints(output_dir)
         if not found:
             if r is True:
-                raise ConfigError(f"{key}: no checkpoint-N in {output_dir} (use 'auto' to start fresh when there is none)")
+                raise ConfigError(f"{key}: no checkpoint-N in {output_dir} "
+                                  "(use 'auto' to start fresh when there is none)")
             logger.info("resume_from_checkpoint=auto: no checkpoint in %s, starting from scratch", output_dir)
             return None
         damaged = []
