@@ -317,10 +317,10 @@ def merge(
     try:
         run = ckpt.run_info(checkpoint)
         kind = ckpt.checkpoint_kind(checkpoint, run)
+        model_type = ckpt.read_json(checkpoint / "config.json").get("model_type") if kind == "full" else "vora"
     except (ckpt.CheckpointError, OSError, json.JSONDecodeError) as e:
         raise MergeError(str(e)) from e
     if kind == "full":
-        model_type = read_json(checkpoint / "config.json").get("model_type")
         if model_type != "vora":
             raise MergeError(
                 f"{checkpoint} is not a VoRA training checkpoint: it is a plain {model_type or 'unknown'} model "
@@ -511,16 +511,6 @@ def merge(
 
 
 MERGE_KEY = "merged"  # vora_run.json of a merged model: how it was made; also marks it as replaceable by --overwrite
-
-
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MergeError(f"{path}: not a readable JSON file ({e})") from None
-    if not isinstance(data, dict):
-        raise MergeError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _is_within(inner: Path, outer: Path) -> bool:

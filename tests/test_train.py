@@ -310,7 +310,8 @@ def test_config_error_found_while_building_the_run_is_one_clear_line(world, tmp_
     which file and key, not a traceback from deep inside."""
     proc = run_main(world, tmp_path / "out", must_succeed=False, **{"train.resume_from_checkpoint": str(tmp_path / "nope")})
     assert proc.returncode != 0
-    assert f"vora-train: error: {TINY}: train.resume_from_checkpoint: {tmp_path / 'nope'} is not a directory" in proc.stderr, \
+    assert f"vora-train: error: command line: train.resume_from_checkpoint: {tmp_path / 'nope'} is not a directory" \
+        in proc.stderr, \
         proc.stderr[-3000:]
 
 
@@ -499,8 +500,11 @@ def test_resume_loads_strictly(world, zero2_run, tmp_path):
 
 
 def test_checkpoints_are_atomic(world, tmp_path, monkeypatch):
-    """A save that fails half-way leaves no checkpoint-N (only a .tmp dir that resume ignores); the next save works."""
+    """A save that fails half-way leaves no checkpoint-N and removes its temporary directory; the next save works.
+    (tests/test_faults_train.py: the message, a real full disk, kill -9 while saving.)"""
     from transformers.trainer_utils import get_last_checkpoint
+
+    from vora.checkpoint import CheckpointError
 
     out = tmp_path / "o"
     trainer = _trainer(_recipe(world, out, "train.save_only_model=true"))
@@ -512,13 +516,13 @@ def test_checkpoints_are_atomic(world, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(trainer, "_write_weights", broken)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="disk full"):
         trainer._save_checkpoint(trainer.model, None)
-    assert not (out / "checkpoint-7").exists() and (out / ".tmp-checkpoint-7").exists()
+    assert not (out / "checkpoint-7").exists() and not list(out.glob(".tmp-*"))
     assert get_last_checkpoint(str(out)) is None
     monkeypatch.setattr(trainer, "_write_weights", real)
     trainer._save_checkpoint(trainer.model, None)
-    assert (out / "checkpoint-7" / "adapter_model.safetensors").exists() and not (out / ".tmp-checkpoint-7").exists()
+    assert (out / "checkpoint-7" / "adapter_model.safetensors").exists() and not list(out.glob(".tmp-*"))
     assert get_last_checkpoint(str(out)) == str(out / "checkpoint-7")
 
 
@@ -541,8 +545,9 @@ def test_resume_target(world, tmp_path):
     assert _resume_target(auto, str(out)) is None  # nothing yet: start fresh
     with pytest.raises(ConfigError, match="no checkpoint-N"):
         _resume_target(_recipe(world, out, "train.resume_from_checkpoint=true"), str(out))
-    (out / "checkpoint-3").mkdir(parents=True)
-    (out / "checkpoint-12").mkdir()
+    for n in (3, 12):  # (what validate_checkpoint needs of a checkpoint without manifest)
+        (out / f"checkpoint-{n}").mkdir(parents=True)
+        (out / f"checkpoint-{n}" / "trainer_state.json").write_text("{}")
     (out / ".tmp-checkpoint-20").mkdir()  # an interrupted save is never resumed from
     assert _resume_target(auto, str(out)) == str(out / "checkpoint-12")
     assert _resume_target(_recipe(world, out, f"train.resume_from_checkpoint={out / 'checkpoint-3'}"), str(out)) == str(out / "checkpoint-3")

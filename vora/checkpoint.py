@@ -233,7 +233,20 @@ def save_trainable(model, directory: str | os.PathLike, *, overwrite: bool = Fal
 def run_info(directory: str | os.PathLike) -> dict:
     """The contents of ``directory/vora_run.json``, ``{}`` when there is none."""
     path = Path(directory) / RUN_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object file; an empty, truncated or non-object file is a :class:`CheckpointError` naming it."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        size = Path(path).stat().st_size if Path(path).is_file() else 0
+        raise CheckpointError(f"{path}: not a readable JSON file ({size} bytes: {e}); "
+                              "the checkpoint is damaged") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}; the checkpoint is damaged")
+    return data
 
 
 def read_run(directory: str | os.PathLike) -> dict:
@@ -492,3 +505,86 @@ def load_trainable(
     if not is_trainable:
         model.eval()
     return model, heads
+
+
+# --------------------------------------------------------------------------------------------
+# durability and integrity of training checkpoints
+# --------------------------------------------------------------------------------------------
+MANIFEST = "vora_checkpoint.json"
+
+
+def write_manifest(directory: str | os.PathLike, run_id: str, step: int) -> None:
+    """``vora_checkpoint.json``: the run that wrote the checkpoint and every file's size, written last (after all
+    ranks wrote theirs), so that :func:`validate_checkpoint` can tell a complete checkpoint of one run."""
+    directory = Path(directory)
+    files = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+    body = {"run_id": run_id, "step": step, "files": files}
+    (directory / MANIFEST).write_text(json.dumps(body, indent=1) + "\n")
+
+
+def _check_safetensors(path: Path) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            for k in f.keys():
+                f.get_slice(k).get_shape()
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({path.stat().st_size} bytes: {e}); "
+                              "the checkpoint is damaged") from None
+
+
+def validate_checkpoint(directory: str | os.PathLike) -> None:
+    """Cheap integrity check of a training checkpoint (no tensor is read): every file its manifest lists is there
+    with its size and from the same run as ``vora_run.json``, every JSON file parses, every safetensors header reads,
+    DeepSpeed's ``latest`` names a directory that exists. Raises :class:`CheckpointError` naming the file."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    manifest = directory / MANIFEST
+    run = None
+    if manifest.is_file():  # older checkpoints have none: the checks below still apply
+        body = read_json(manifest)
+        for name, size in (body.get("files") or {}).items():
+            f = directory / name
+            if not f.is_file():
+                raise CheckpointError(f"{f}: missing (listed in {manifest}); the checkpoint is damaged")
+            if f.stat().st_size != size:
+                raise CheckpointError(f"{f}: {f.stat().st_size} bytes, {size} when written; the checkpoint is damaged")
+        run = run_info(directory)
+        if body.get("run_id") and run.get("run_id") != body.get("run_id"):
+            raise CheckpointError(f"{directory}: its files come from different runs ({RUN_FILE}: run "
+                                  f"{run.get('run_id')}, {MANIFEST}: run {body.get('run_id')}); do not resume from it")
+    for f in sorted(directory.glob("*.json")):
+        try:
+            json.loads(f.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{f}: not a readable JSON file ({f.stat().st_size} bytes: {e}); "
+                                  "the checkpoint is damaged") from None
+    if not (directory / "trainer_state.json").is_file():
+        raise CheckpointError(f"{directory / 'trainer_state.json'}: missing; not a complete training checkpoint")
+    for f in sorted(directory.glob("*.safetensors")):
+        _check_safetensors(f)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        for shard in sorted(set((read_json(index).get("weight_map") or {}).values())):
+            if not (directory / shard).is_file():
+                raise CheckpointError(f"{directory / shard}: missing (listed in {index}); the checkpoint is damaged")
+    latest = directory / "latest"
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        if not tag or not (directory / tag).is_dir():
+            raise CheckpointError(f"{latest}: names {tag!r}, which is not a directory of the checkpoint; damaged")
+    for f in directory.rglob("*"):
+        if f.is_file() and f.stat().st_size == 0 and f.suffix in (".pt", ".pth", ".safetensors", ".json"):
+            raise CheckpointError(f"{f}: empty file; the checkpoint is damaged")
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """``checkpoint-N`` directories of ``output_dir``, newest (highest N) first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir()
+             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]

@@ -149,6 +149,8 @@ class DataSection:
     on_bad_sample: Literal["skip", "error"] = _doc("skip (count and report) or raise on a bad sample", default="skip")
     num_workers: int = _doc("DataLoader worker processes per rank", default=0)
     cache_dir: str | None = _doc("Arrow cache for JSON sources (default $VORA_DATA_CACHE or ~/.cache/vora/data)", default=None)
+    max_skip_fraction: float = _doc(
+        "stop the run when more than this fraction of the samples read is skipped (0..1; 1: never)", default=0.5)
 
     _required = ("sources",)
 
@@ -167,9 +169,14 @@ class Recipe:
     lora: LoraSection | None = None
     distill: DistillSection | None = None
     trainable: TrainableSection = field(default_factory=TrainableSection)
-    # not keys: where the recipe came from, and its resolved form (saved in vora_run.json)
+    # not keys: where the recipe came from, the keys set on the command line, and the resolved form (vora_run.json)
     source: str = ""
     resolved: dict = field(default_factory=dict)
+    overridden: set = field(default_factory=set)
+
+    def where(self, dotted: str) -> str:
+        """``"<recipe file>: <dotted key>"``, or ``"command line: <dotted key>"`` when an override set it."""
+        return f"{_Ctx(self.source, self.overridden).where(dotted)}: {dotted}"
 
     @property
     def stage(self) -> int:
@@ -574,6 +581,8 @@ def load_recipe(path: str | None, overrides: list[str] | list[tuple[str, Any]] |
         raise ctx.error("data.max_length", f"expected >= 1, got {data.max_length}")
     if data.num_workers < 0:
         raise ctx.error("data.num_workers", f"expected >= 0, got {data.num_workers}")
+    if not 0.0 <= data.max_skip_fraction <= 1.0:
+        raise ctx.error("data.max_skip_fraction", f"expected a fraction in 0..1, got {data.max_skip_fraction}")
     if "dataloader_num_workers" in train:
         raise ctx.error("train.dataloader_num_workers", "set data.num_workers instead")
     for i, s in enumerate(list(data.sources) + list(data.eval_sources or [])):
@@ -599,6 +608,13 @@ def load_recipe(path: str | None, overrides: list[str] | list[tuple[str, Any]] |
         train["deepspeed"] = ds_path
     if train.get("fp16"):
         raise ctx.error("train.fp16", "fp16 is not supported (use bf16)")
+    # TrainingArguments accepts these; the optimizer / DataLoader would reject them deep inside the run.
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if key in train and train[key] < 1:
+            raise ctx.error(f"train.{key}", f"expected >= 1, got {train[key]}")
+    for key in ("learning_rate", "weight_decay", "max_grad_norm"):
+        if key in train and train[key] < 0:
+            raise ctx.error(f"train.{key}", f"expected >= 0, got {train[key]}")
 
     resolved = {
         "model": _asdict(model),
@@ -609,7 +625,7 @@ def load_recipe(path: str | None, overrides: list[str] | list[tuple[str, Any]] |
         "train": copy.deepcopy(train),
     }
     return Recipe(model=model, data=data, train=train, lora=lora, distill=distill, trainable=trainable,
-                  source=source, resolved=resolved)
+                  source=source, resolved=resolved, overridden={k for k, _ in ov})
 
 
 def _asdict(obj) -> dict:

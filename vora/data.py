@@ -143,7 +143,10 @@ class BadSampleCounter:
         (every rank must call it)."""
         c = self.counts()
         if all_reduce and torch.distributed.is_available() and torch.distributed.is_initialized():
-            t = torch.tensor([c[k] for k in _SLOTS], dtype=torch.long)
+            # NCCL reduces GPU tensors only; gloo CPU ones.
+            nccl = torch.distributed.get_backend() == "nccl"
+            device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+            t = torch.tensor([c[k] for k in _SLOTS], dtype=torch.long, device=device)
             torch.distributed.all_reduce(t)
             c = dict(zip(_SLOTS, t.tolist()))
         skipped = {k: c[k] for k in SKIP_REASONS if c[k]}
@@ -155,6 +158,11 @@ class BadSampleCounter:
         if reset:
             self.reset()
         return out
+
+
+class DataError(ValueError):
+    """The data cannot train the run: an empty source, or too many of its samples skipped (see
+    ``data.max_skip_fraction``). The message names the file or the per-reason skip counts."""
 
 
 class SampleError(VoRASampleError):
@@ -592,6 +600,7 @@ class VoRADataset(torch.utils.data.Dataset):
 
 
 __all__ = [
-    "VoRADataset", "DataSource", "BadSampleCounter", "SKIP_REASONS", "record_to_conversation", "open_image",
+    "VoRADataset", "DataSource", "BadSampleCounter", "DataError", "SKIP_REASONS", "record_to_conversation",
+    "open_image",
     "infer_format",
 ]

@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import glob
 import json
 import logging
 import os
+import re
+import shutil
 import sys
+import uuid
 
 from .config import ConfigError, Recipe, load_recipe, resolve_path
 
@@ -51,19 +56,78 @@ def main(argv: list[str] | None = None) -> int:
         if argv is None:
             sys.exit(2)
         raise
-    if args.print_config:
-        print(json.dumps(recipe.to_dict(), indent=2))
-        return 0
     from .checkpoint import CheckpointError
+    from .data import DataError
+    from .runlock import RunLockError
 
     try:
+        check_local_paths(recipe)  # before anything is loaded: a missing path is one line, at once, no hub retries
+        if args.print_config:
+            print(json.dumps(recipe.to_dict(), indent=2))
+            return 0
         train(recipe)
-    except (ConfigError, CheckpointError) as e:  # found while building the run: say which file / key and why, no traceback
+    except (ConfigError, CheckpointError, DataError, RunLockError) as e:
+        # Found while building or running the run: say which file / key and why, no traceback.
         print(f"vora-train: error: {e}", file=sys.stderr)
         if argv is None:
             sys.exit(2)
         raise
     return 0
+
+
+# ---------------------------------------------------------------------------------------------------- paths
+# What the hub accepts as a repo id ("name" or "namespace/name"); anything else can only be a local path.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def _is_local(path: str) -> bool:
+    """A path that cannot be a hub id, or ``dir/name`` whose ``dir`` is a local directory (a mistyped ``name``)."""
+    if path.startswith(("/", "./", "../", "~")) or not _HUB_ID.fullmatch(path):
+        return True
+    return "/" in path and os.path.isdir(path.split("/", 1)[0])
+
+
+def check_local_paths(recipe: Recipe) -> None:
+    """Every local path of the recipe exists: the LLM / VoRA / tokenizer / teacher directories (a string that cannot
+    be a hub id is a local path) and the data sources. Raises :class:`ConfigError` naming the key."""
+    m = recipe.model
+    for key, path in (("model.llm", m.llm), ("model.vora", m.vora), ("model.tokenizer", m.tokenizer)):
+        if path and _is_local(path) and not os.path.isdir(os.path.expanduser(path)):
+            raise ConfigError(f"{recipe.where(key)}: no such directory: {path}")
+    d = recipe.distill
+    if d is not None:
+        if d.backend == "timm":
+            if not os.path.isfile(os.path.expanduser(d.teacher)):
+                raise ConfigError(f"{recipe.where('distill.teacher')}: no such file: {d.teacher} (backend timm "
+                                  "takes a local weights file)")
+        elif _is_local(d.teacher) and not os.path.isdir(os.path.expanduser(d.teacher)):
+            raise ConfigError(f"{recipe.where('distill.teacher')}: no such directory: {d.teacher}")
+    for section, sources in (("data.sources", recipe.data.sources), ("data.eval_sources", recipe.data.eval_sources)):
+        for i, src in enumerate(sources or []):
+            path = resolve_path(src.path, recipe.source, must_exist=False)
+            found = glob.glob(path) if any(ch in path for ch in "*?[") else [path] if os.path.exists(path) else []
+            if not found:
+                raise ConfigError(f"{recipe.where(f'{section}.{i}.path')}: no such file or directory: {src.path}")
+            if src.image_root:
+                root = resolve_path(src.image_root, recipe.source, must_exist=False)
+                if not os.path.isdir(root):
+                    raise ConfigError(f"{recipe.where(f'{section}.{i}.image_root')}: no such directory: "
+                                      f"{src.image_root}")
+
+
+def _single_process_env() -> None:
+    """Started without a launcher (no RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT): say so, as one
+    process on a free local port. DeepSpeed would otherwise look for an MPI launcher (and want mpi4py)."""
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    if any(n in os.environ for n in names) or any(n in os.environ for n in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")):
+        return
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    logger.info("no launcher: one process (RANK=0, WORLD_SIZE=1, MASTER_PORT=%d)", port)
 
 
 # ---------------------------------------------------------------------------------------------------- setup
@@ -145,13 +209,28 @@ def _zero3() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------- teacher
-def _teacher_geometry(d) -> dict:
-    """Depth, width, patch and image size of the teacher without loading its weights."""
-    if d.backend == "transformers":
-        from transformers import AutoConfig
+def _auto_config(path: str, where: str):
+    """``AutoConfig.from_pretrained`` with its failure as one line naming the recipe key."""
+    from transformers import AutoConfig
 
-        cfg = AutoConfig.from_pretrained(d.teacher)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{where}: cannot load a model config from {path}: {first}") from None
+
+
+def _teacher_geometry(d, where: str = "distill.teacher") -> dict:
+    """Depth, width, patch and image size of the teacher without loading its weights (``where``: the recipe key,
+    for messages)."""
+    if d.backend == "transformers":
+        cfg = _auto_config(d.teacher, where)
         cfg = getattr(cfg, "vision_config", None) or cfg
+        missing = [k for k in ("patch_size", "image_size", "num_hidden_layers", "hidden_size") if not hasattr(cfg, k)]
+        if missing:
+            raise ConfigError(f"{where}: {d.teacher} is not a vision transformer ({type(cfg).__name__}, model_type "
+                              f"{getattr(cfg, 'model_type', None)!r}: no {', '.join(missing)}); use a ViT such as "
+                              "CLIP, SigLIP or AIMv2")
         patch, size = cfg.patch_size, cfg.image_size
         patch = patch if isinstance(patch, int) else patch[0]
         size = size if isinstance(size, int) else size[0]
@@ -245,7 +324,6 @@ def build_processor(recipe: Recipe, geometry: dict):
 def build_model(recipe: Recipe, args) -> Built:
     """Processor, VoRA model (+ LoRA), teacher, heads, trainable flags; all under the DeepSpeed config of ``args``."""
     import torch
-    from transformers import AutoConfig
 
     from .checkpoint import base_fingerprint
     from .distill import Teacher, VoRAForTraining
@@ -257,7 +335,7 @@ def build_model(recipe: Recipe, args) -> Built:
     attn = m.attn_implementation
 
     # ---- geometry: LLM depth/vocab, teacher depth/width/patch
-    base_cfg = AutoConfig.from_pretrained(recipe.base)
+    base_cfg = _auto_config(recipe.base, recipe.where("model.vora" if recipe.stage == 2 else "model.llm"))
     if recipe.stage == 1 and base_cfg.model_type == "vora":
         raise ConfigError(f"{recipe.source}: model.llm: {m.llm} is a VoRA checkpoint; use model.vora for stage 2")
     if recipe.stage == 2 and base_cfg.model_type != "vora":
@@ -265,7 +343,7 @@ def build_model(recipe: Recipe, args) -> Built:
     text_cfg = base_cfg.text_config if recipe.stage == 2 else base_cfg
     llm_depth, vocab_size = text_cfg.num_hidden_layers, text_cfg.vocab_size
 
-    teacher_geo = _teacher_geometry(recipe.distill) if recipe.distill else None
+    teacher_geo = _teacher_geometry(recipe.distill, recipe.where("distill.teacher")) if recipe.distill else None
     if recipe.stage == 2:
         geometry = {"patch_size": base_cfg.patch_size, "vision_embed_dim": base_cfg.vision_embed_dim, "position_grid": base_cfg.position_grid}
     else:
@@ -316,7 +394,12 @@ def build_model(recipe: Recipe, args) -> Built:
     mode = recipe.trainable.llm
     if mode == "lora":
         lo = recipe.lora
-        add_lora(vora, num_layers=lo.layers, rank=lo.rank, targets=lo.targets)
+        try:
+            add_lora(vora, num_layers=lo.layers, rank=lo.rank, targets=lo.targets)
+        except ValueError as e:  # lora.layers beyond the LLM, a target that is not one of its linear layers
+            key, _, msg = str(e).partition(": ")
+            text = f"{recipe.where(key)}: {msg}" if key.startswith("lora.") and msg else f"{recipe.source}: {e}"
+            raise ConfigError(text) from None
     elif mode == "full":
         vora.language_model.requires_grad_(True)
     else:
@@ -366,21 +449,48 @@ def build_model(recipe: Recipe, args) -> Built:
 
 
 # ---------------------------------------------------------------------------------------------------- data
+def _check_cache_dir(recipe: Recipe) -> None:
+    from .data import _default_cache_dir
+
+    d = recipe.data
+    cache = d.cache_dir or _default_cache_dir()
+    what = recipe.where("data.cache_dir") if d.cache_dir else f"{recipe.source}: data.cache_dir (default {cache})"
+    try:
+        os.makedirs(cache, exist_ok=True)
+        with open(os.path.join(cache, f".write-test-{os.getpid()}"), "w"):
+            pass
+        os.remove(os.path.join(cache, f".write-test-{os.getpid()}"))
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot write the data cache in {cache} ({e.strerror}); set data.cache_dir "
+                          "(or $VORA_DATA_CACHE) to a writable directory") from None
+
+
 def build_datasets(recipe: Recipe, processor):
     from .data import VoRADataset
 
     d = recipe.data
+    _check_cache_dir(recipe)
 
-    def make(sources):
+    def make(sources, key):
         specs = [dataclasses.asdict(s) for s in sources]
         for s in specs:
             s["path"] = resolve_path(s["path"], recipe.source, must_exist=False)
             if s.get("image_root"):
                 s["image_root"] = resolve_path(s["image_root"], recipe.source, must_exist=False)
-        return VoRADataset(specs, processor, max_length=d.max_length, on_bad_sample=d.on_bad_sample, cache_dir=d.cache_dir)
+        try:
+            ds = VoRADataset(specs, processor, max_length=d.max_length, on_bad_sample=d.on_bad_sample,
+                             cache_dir=d.cache_dir)
+        except (ValueError, OSError) as e:  # unreadable / unknown format / malformed file: the message names it
+            raise ConfigError(f"{recipe.where(key)}: {' '.join(str(e).split())}") from None
+        for i, (src, spec) in enumerate(zip(ds.sources, sources)):
+            if len(src) == 0:
+                bad = f" ({src.n_bad_lines} malformed lines)" if src.n_bad_lines else ""
+                raise ConfigError(f"{recipe.where(f'{key}.{i}.path')}: {spec.path} holds no record{bad}: nothing to "
+                                  "train on")
+        return ds
 
-    train_ds = make(d.sources)
-    eval_ds = make(d.eval_sources) if d.eval_sources else None
+    train_ds = make(d.sources, "data.sources")
+    eval_ds = make(d.eval_sources, "data.eval_sources") if d.eval_sources else None
     return train_ds, eval_ds
 
 
@@ -395,22 +505,86 @@ def build_collator(recipe: Recipe, processor):
 
 # ---------------------------------------------------------------------------------------------------- run
 def _resume_target(recipe: Recipe, output_dir: str):
-    from transformers.trainer_utils import get_last_checkpoint
+    """The checkpoint to resume from, validated (:func:`vora.checkpoint.validate_checkpoint`). With ``true`` /
+    ``auto`` a damaged newest checkpoint is passed over, with a warning, for the newest intact one; a damaged
+    checkpoint given by path is an error naming the file."""
+    from .checkpoint import CheckpointError, list_checkpoints, validate_checkpoint
 
     r = recipe.train.get("resume_from_checkpoint")
+    key = recipe.where("train.resume_from_checkpoint")
     if r in (None, False, "false", ""):
         return None
     if r is True or r == "auto":
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        if last is None:
+        found = list_checkpoints(output_dir)
+        if not found:
             if r is True:
-                raise ConfigError(f"{recipe.source}: train.resume_from_checkpoint: no checkpoint-N in {output_dir} "
+                raise ConfigError(f"{key}: no checkpoint-N in {output_dir} "
                                   "(use 'auto' to start fresh when there is none)")
             logger.info("resume_from_checkpoint=auto: no checkpoint in %s, starting from scratch", output_dir)
-        return last
+            return None
+        damaged = []
+        for ck in found:
+            try:
+                validate_checkpoint(ck)
+            except CheckpointError as e:
+                logger.warning("not resuming from %s: %s", ck.name, e)
+                damaged.append(str(e))
+                continue
+            if damaged:
+                logger.warning("resuming from %s, the newest intact checkpoint (%d newer one(s) damaged: %s)",
+                               ck, len(damaged), "; ".join(damaged))
+            return str(ck)
+        raise CheckpointError(f"{key}: no intact checkpoint in {output_dir} ({len(found)} damaged; newest: "
+                              f"{damaged[0]}); resume from a path, or use another train.output_dir to start afresh")
     if not os.path.isdir(r):
-        raise ConfigError(f"{recipe.source}: train.resume_from_checkpoint: {r} is not a directory")
+        raise ConfigError(f"{key}: {r} is not a directory")
+    try:
+        validate_checkpoint(r)
+    except CheckpointError as e:
+        raise CheckpointError(f"{key}: {e}") from None
     return r
+
+
+def _lock_output_dir(recipe: Recipe, args):
+    """Rank 0 takes ``output_dir``'s run lock (:mod:`vora.runlock`) and picks the run id; every rank learns both, so
+    a refused run stops on every rank at once. Returns ``(lock or None, run_id)``."""
+    import torch.distributed as dist
+
+    from .runlock import RunLock, RunLockError
+
+    out = args.output_dir
+    lock, run_id, error = None, None, None
+    if args.process_index == 0:
+        run_id = uuid.uuid4().hex[:12]
+        try:
+            if os.path.exists(out) and not os.path.isdir(out):
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), out)
+            lock = RunLock(out, run_id).acquire()
+        except RunLockError as e:
+            error = ("lock", str(e))
+        except OSError as e:
+            error = ("config", f"{recipe.where('train.output_dir')}: cannot use {out} ({e.strerror or e}); "
+                     "choose a writable directory")
+        else:
+            _remove_stale_temps(out)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [error, run_id]
+        dist.broadcast_object_list(box, src=0)
+        error, run_id = box
+    if error:
+        kind, msg = error
+        raise RunLockError(msg) if kind == "lock" else ConfigError(msg)
+    return lock, run_id
+
+
+def _remove_stale_temps(output_dir: str) -> None:
+    """Temporary save directories of runs that died while saving (``.tmp-checkpoint-N-<run>``, ``.tmp-final-<run>``):
+    no other run can be writing them while this one holds the lock, and they may fill the disk."""
+    for name in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        if re.fullmatch(r"\.tmp-(checkpoint-\d+|final)(-[0-9a-f]+)?", name) and os.path.isdir(path):
+            logger.warning("removing %s, left by a run that died while saving", path)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def plot_losses(log_history: list[dict], path: str) -> str | None:
@@ -442,15 +616,14 @@ def plot_losses(log_history: list[dict], path: str) -> str | None:
 
 
 def train(recipe: Recipe):
-    """Run a recipe. Returns the trainer (after training, the final weights saved in ``output_dir/final``)."""
+    """Run a recipe. Returns the trainer (after training, the final weights saved in ``output_dir/final``).
+    ``output_dir`` is locked for the run (one run per output_dir: :mod:`vora.runlock`)."""
     import torch.distributed as dist
-    from transformers import set_seed
-
-    from .lora import log_parameter_groups
-    from .trainer import DataReportCallback, VoRATrainer
 
     is_main = _is_main_process()
     _setup_logging(is_main)
+    if recipe.train.get("deepspeed"):
+        _single_process_env()
     args = build_training_arguments(recipe)  # FIRST: sets up the (ZeRO-3) DeepSpeed config and process group
     if args.deepspeed and dist.is_available() and dist.is_initialized():
         import deepspeed
@@ -463,7 +636,23 @@ def train(recipe: Recipe):
     _setup_logging(is_main)
     logger.info("recipe %s (stage %d), output_dir %s, deepspeed %s, ZeRO-3 at load: %s",
                 recipe.source, recipe.stage, args.output_dir, args.deepspeed or "off", _zero3())
+    lock, run_id = _lock_output_dir(recipe, args)  # before anything is loaded: a refused run stops at once
+    try:
+        return _train(recipe, args, is_main, run_id)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(recipe: Recipe, args, is_main: bool, run_id: str):
+    import torch.distributed as dist
+    from transformers import set_seed
+
+    from .lora import log_parameter_groups
+    from .trainer import DataReportCallback, VoRATrainer
+
     set_seed(args.seed)
+    resume = _resume_target(recipe, args.output_dir)  # validated before the (slow) model build
 
     built = build_model(recipe, args)
     if is_main:
@@ -475,13 +664,12 @@ def train(recipe: Recipe):
 
     train_ds, eval_ds = build_datasets(recipe, built.processor)
     collator = build_collator(recipe, built.processor)
-    resume = _resume_target(recipe, args.output_dir)
 
     trainer = VoRATrainer(
         model=built.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
-        save_mode=built.save_mode, run_info=built.run_info, vora_processor=built.processor,
+        save_mode=built.save_mode, run_info=built.run_info, vora_processor=built.processor, run_id=run_id,
     )
-    trainer.add_callback(DataReportCallback(train_ds, args.output_dir, is_main))
+    trainer.add_callback(DataReportCallback(train_ds, args.output_dir, is_main, recipe.data.max_skip_fraction))
     if is_main:
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "recipe.resolved.json"), "w") as f:

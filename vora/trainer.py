@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 
 import torch
 import torch.distributed as dist
@@ -49,9 +50,13 @@ from .checkpoint import (  # noqa: E402
     TRAINABLE_WEIGHTS,
     CheckpointError,
     check_state_dict,
+    fsync_dir,
+    fsync_tree,
     run_info,
+    write_manifest,
     write_trainable,
 )
+from .data import DataError  # noqa: E402
 
 
 def _is_zero3_param(p) -> bool:
@@ -113,32 +118,71 @@ def _unshare_step_counters(zero_optimizer) -> None:
 
 
 def swap_into_place(tmp: str, final: str) -> None:
-    """Rename a complete ``tmp`` directory to ``final`` (an existing ``final`` is moved aside, then deleted)."""
+    """Rename a complete ``tmp`` directory to ``final`` (an existing ``final`` is moved aside, then deleted).
+    ``tmp``'s files and directories are fsynced before the rename and the parent after it: after a crash or a
+    power loss ``final`` is the old or the new directory, whole."""
+    fsync_tree(tmp)
+    parent = os.path.dirname(os.path.abspath(final))
     if os.path.exists(final):
         old = f"{final}.old-{os.getpid()}"
         os.replace(final, old)
         os.replace(tmp, final)
+        fsync_dir(parent)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+        fsync_dir(parent)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def save_failure_message(final: str, cause: BaseException) -> str:
+    """One line: what could not be saved, why, and how much room is left where it was being written."""
+    parent = os.path.dirname(os.path.abspath(final))
+    try:
+        free = f"{_bytes(shutil.disk_usage(parent).free)} free"
+    except OSError:
+        free = "free space unknown"
+    why = " ".join(f"{type(cause).__name__}: {cause}".split())
+    why = why if len(why) <= 400 else why[:397] + "..."
+    return f"saving {final} failed ({why}); {free} on {parent}; the partial copy was removed"
 
 
 # ---------------------------------------------------------------------------------------------------- callbacks
 class DataReportCallback(TrainerCallback):
-    """Bad-sample report at the end of every epoch and of training (counts summed over ranks)."""
+    """Bad-sample report at the end of every epoch and of training (counts summed over ranks), and the stop rule:
+    a run whose samples read so far are all skipped, or more than ``max_skip_fraction`` of them, raises
+    :class:`DataError` (every rank: the counts are all-reduced) before any further step or ``final/``.
 
-    def __init__(self, dataset, output_dir: str, is_main: bool):
+    Checked at steps 1, 2, 4, 8, … and every 100 steps, before every checkpoint, and at the end of an epoch and of
+    training. The fraction is judged once ``min(100, len)`` samples were read (a few unlucky batches, or the last
+    steps of a resumed run, do not stop a run); "none usable" once ``min(16, len)`` were, before a checkpoint (a
+    run that trained on nothing saves nothing) and at the ends."""
+
+    def __init__(self, dataset, output_dir: str, is_main: bool, max_skip_fraction: float = 0.5):
         self.dataset = dataset
         self.output_dir = output_dir
         self.is_main = is_main
+        self.max_skip_fraction = max_skip_fraction
         self.last = None
 
-    def _report(self, title: str):
+    def _counts(self):
         stats = getattr(self.dataset, "stats", None)
         if stats is None:
             return None
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        rep = stats.report(all_reduce=world > 1, log=False)
+        return stats.report(all_reduce=world > 1, log=False)
+
+    def _report(self, title: str):
+        rep = self._counts()
+        if rep is None:
+            return None
         if self.is_main:
             msg = (f"{title}: {rep['ok']} samples ok, {rep['truncated']} truncated, "
                    f"{rep['skipped_total']} skipped {rep['skipped'] or ''}")
@@ -146,15 +190,46 @@ class DataReportCallback(TrainerCallback):
         self.last = rep
         return rep
 
-    def on_epoch_end(self, args, state, control, **kwargs):
-        self._report(f"data report (epoch {state.epoch:.2f})")
-
-    def on_train_end(self, args, state, control, **kwargs):
-        rep = self._report("data report (end of training)")
+    def _write(self, rep) -> None:
         if rep is not None and self.is_main:
             os.makedirs(self.output_dir, exist_ok=True)
             with open(os.path.join(self.output_dir, "data_report.json"), "w") as f:
                 json.dump(rep, f, indent=2)
+
+    def _check(self, rep, final: bool, before_save: bool = False) -> None:
+        if rep is None:
+            return
+        ok, skipped = rep["ok"], rep["skipped_total"]
+        seen = ok + skipped
+        n = len(self.dataset)
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(rep["skipped"].items(), key=lambda kv: -kv[1]))
+        error = None
+        if ok == 0 and skipped and (final or before_save or seen >= min(16, n)):
+            error = (f"data: no usable sample: all {skipped} samples read so far were skipped ({reasons}); "
+                     "the log names the first ones by file:line — fix the data (or data.max_length), or run with "
+                     "data.on_bad_sample: error to stop at the first bad one")
+        elif seen >= min(100, n) and skipped / seen > self.max_skip_fraction:
+            error = (f"data: {skipped} of {seen} samples read so far were skipped ({skipped / seen:.0%}: {reasons}), "
+                     f"more than data.max_skip_fraction {self.max_skip_fraction:g}; the log names the first ones by "
+                     "file:line — fix the data, or raise data.max_skip_fraction to train on the rest")
+        if error:
+            self._write(rep)
+            raise DataError(error)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step = state.global_step
+        # At 1, 2, 4, 8, ... then every 100 (one small all-reduce), and before every checkpoint: a run that has
+        # trained on nothing writes none.
+        if control.should_save or step & (step - 1) == 0 or step % 100 == 0:
+            self._check(self._counts(), final=False, before_save=control.should_save)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._check(self._report(f"data report (epoch {state.epoch:.2f})"), final=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        rep = self._report("data report (end of training)")
+        self._write(rep)
+        self._check(rep, final=True)
 
 
 # ---------------------------------------------------------------------------------------------------- trainer
@@ -166,12 +241,16 @@ class VoRATrainer(Trainer):
     ``vora_processor`` is saved with every checkpoint.
     """
 
-    def __init__(self, *args, save_mode: str = "trainable", run_info: dict | None = None, vora_processor=None, **kwargs):
+    def __init__(self, *args, save_mode: str = "trainable", run_info: dict | None = None, vora_processor=None,
+                 run_id: str | None = None, **kwargs):
         if save_mode not in ("trainable", "full"):
             raise ValueError(f"save_mode must be 'trainable' or 'full', got {save_mode!r}")
         super().__init__(*args, **kwargs)
         self.save_mode = save_mode
-        self.run_info = run_info or {}
+        # Unique per run (the same on every rank): names the temporary directories of saves, so two runs can never
+        # write into one, and is recorded in vora_run.json and the checkpoint manifest.
+        self.run_id = run_id or uuid.uuid4().hex[:12]
+        self.run_info = {**(run_info or {}), "run_id": self.run_id}
         self.vora_processor = vora_processor
         # VoRAForTraining's LM loss shifts labels (a causal LM): count label tokens over labels[..., 1:].
         self._loss_shifts_labels = True
@@ -384,39 +463,64 @@ class VoRATrainer(Trainer):
         return {k: v.detach().to("cpu").contiguous() for k, v in state.items() if not k.startswith("teacher.")}
 
     # ------------------------------------------------------------------------------------------ checkpoints
+    def _atomic_save(self, final: str, write) -> None:
+        """Collective: every rank runs ``write(tmp)`` into ``.tmp-<name>-<run id>`` next to ``final``; the main process
+        writes the manifest, fsyncs and renames it to ``final``. A failure removes the temporary directory and raises
+        a one-line :class:`CheckpointError` naming ``final``, the cause and the free space."""
+        final = os.path.abspath(final)
+        tmp = os.path.join(os.path.dirname(final), f".tmp-{os.path.basename(final)}-{self.run_id}")
+        try:
+            if self.args.should_save:
+                shutil.rmtree(tmp, ignore_errors=True)
+                os.makedirs(tmp)
+            _barrier()
+            write(tmp)
+            _barrier()
+            if self.args.should_save:
+                write_manifest(tmp, self.run_id, self.state.global_step)
+                swap_into_place(tmp, final)
+        except Exception as e:
+            if self.args.should_save:
+                shutil.rmtree(tmp, ignore_errors=True)
+            logger.debug("saving %s failed", final, exc_info=True)
+            raise CheckpointError(save_failure_message(final, e)) from e
+        except BaseException:  # Ctrl-C: no half-written directory either
+            if self.args.should_save:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
     def _save_checkpoint(self, model, trial):
         step = self.state.global_step
         run_dir = self._get_output_dir(trial=trial)
         final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
-        tmp = os.path.join(run_dir, f".tmp-{PREFIX_CHECKPOINT_DIR}-{step}")
         if self.hp_search_backend is None and trial is None:
             self.store_flos()
-        if self.args.should_save:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        _barrier()
-        self._write_weights(tmp)
-        if not self.args.save_only_model:
-            self._save_optimizer_and_scheduler(tmp)
-            self._save_scaler(tmp)
-            self._save_rng_state(tmp)
-        if self.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST) and self.state.best_global_step:
-            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
-            if os.path.exists(best) or best == final:
-                self.state.best_model_checkpoint = best
-        if self.args.should_save:
-            from transformers.trainer_callback import ExportableState
 
-            for cb in [cb for cb in self.callback_handler.callbacks + [self.control] if isinstance(cb, ExportableState)]:
-                name = cb.__class__.__name__
-                if isinstance(self.state.stateful_callbacks.get(name), list):
-                    self.state.stateful_callbacks[name].append(cb.state())
-                else:
-                    self.state.stateful_callbacks[name] = cb.state()
-            self.state.save_to_json(os.path.join(tmp, TRAINER_STATE))
-        _barrier()
+        def write(tmp):
+            self._write_weights(tmp)
+            if not self.args.save_only_model:
+                self._save_optimizer_and_scheduler(tmp)
+                self._save_scaler(tmp)
+                self._save_rng_state(tmp)
+            if self.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST) \
+                    and self.state.best_global_step:
+                best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+                if os.path.exists(best) or best == final:
+                    self.state.best_model_checkpoint = best
+            if self.args.should_save:
+                from transformers.trainer_callback import ExportableState
+
+                for cb in [cb for cb in self.callback_handler.callbacks + [self.control]
+                           if isinstance(cb, ExportableState)]:
+                    name = cb.__class__.__name__
+                    if isinstance(self.state.stateful_callbacks.get(name), list):
+                        self.state.stateful_callbacks[name].append(cb.state())
+                    else:
+                        self.state.stateful_callbacks[name] = cb.state()
+                self.state.save_to_json(os.path.join(tmp, TRAINER_STATE))
+
+        self._atomic_save(final, write)
         if self.args.should_save:
-            swap_into_place(tmp, final)
             logger.info("saved %s", final)
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
@@ -441,17 +545,9 @@ class VoRATrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Weights only (no optimizer state), written atomically to ``output_dir`` (default ``output_dir/final``)."""
-        output_dir = output_dir or os.path.join(self.args.output_dir, "final")
-        final = os.path.abspath(output_dir)
-        tmp = os.path.join(os.path.dirname(final), f".tmp-{os.path.basename(final)}")
+        final = os.path.abspath(output_dir or os.path.join(self.args.output_dir, "final"))
+        self._atomic_save(final, self._write_weights)
         if self.args.should_save:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        _barrier()
-        self._write_weights(tmp)
-        _barrier()
-        if self.args.should_save:
-            swap_into_place(tmp, final)
             logger.info("saved the trained weights to %s", final)
         _barrier()
 
