@@ -116,7 +116,6 @@ def load_model(model_dir: str, device: str = "auto", dtype: str = "auto", attn_i
     from transformers import AutoModelForCausalLM
 
     import vora  # noqa: F401  (registers the Auto classes: no remote code needed)
-    from vora.modeling_vora import check_attention_for
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -164,6 +163,7 @@ def generate(args) -> int:
     from transformers import AutoConfig, AutoProcessor, TextStreamer
 
     import vora  # noqa: F401  (registers the Auto classes: no remote code needed)
+    from vora.modeling_vora import check_attention_for
 
     model_dir = resolve_model(args.model)
     processor = AutoProcessor.from_pretrained(model_dir)
