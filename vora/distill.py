@@ -470,7 +470,10 @@ class VoRAForTraining(nn.Module):
                     captured[s] = output[0] if isinstance(output, tuple) else output
                 hooks.append(layers[s - 1].register_forward_hook(hook))
         if has_images:
-            vora_inputs = dict(input_ids=input_ids, pixel_values=pixel_values, image_grid_hw=image_grid_hw, image_grid_list=grid)
+            # Only the collator's image_grid_list vouches for the placeholders (it checked them on the CPU); a grid
+            # read back here does not, so then the model checks them on the device.
+            vora_inputs = dict(input_ids=input_ids, pixel_values=pixel_values, image_grid_hw=image_grid_hw,
+                               image_grid_list=image_grid_list)
         else:
             # The dummy image enters through the patch embedding exactly where real images do — inside the VoRA
             # forward, right after the token embedding — with weight 0: every rank calls the same modules in the
