@@ -41,15 +41,24 @@ def collate(kind, packing=False):
     return col(SAMPLES[kind])
 
 
+# aten ops that read a device value back to the host on CUDA (what `.item()`, `bool()`, `nonzero`, `masked_select`,
+# `repeat_interleave` without output_size … dispatch to), including those autograd runs inside backward.
+SYNC_OPS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero", "aten::masked_select",
+            "aten::unique", "aten::_unique2", "aten::unique_consecutive", "aten::equal"}
+
+
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 def test_training_step_with_images_reads_nothing_back(dirs, count_reads, packing):  # noqa: F811
     model = build(dirs["llm"], dirs["clip"])
     batch = collate("images", packing)
     model(**batch).loss.backward()  # warm-up: lazy initialisation is not the hot path
     calls = count_reads()
-    out = model(**batch)
-    out.loss.backward()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = model(**batch)
+        out.loss.backward()
     assert calls == [], f"host reads in a training step: {calls}"
+    ops = sorted({e.key for e in prof.key_averages()} & SYNC_OPS)
+    assert ops == [], f"ops that sync on CUDA in a training step (forward or backward): {ops}"
 
 
 def test_hand_built_batch_still_checks_placeholders_on_the_device(dirs, count_reads):  # noqa: F811

@@ -151,8 +151,9 @@ class Teacher(nn.Module):
         ints (no device read-back); images of equal grid are un-patchified, resized and interpolated together.
         """
         p = patch_size
-        mean = torch.as_tensor(mean, dtype=torch.float32, device=pixel_values.device).view(1, 3, 1, 1)
-        std = torch.as_tensor(std, dtype=torch.float32, device=pixel_values.device).view(1, 3, 1, 1)
+        # Non-blocking: a blocking host → device copy waits for the device's queue (here: nothing to wait for yet).
+        mean = torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1).to(pixel_values.device, non_blocking=True)
+        std = torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1).to(pixel_values.device, non_blocking=True)
         offsets, groups = [0], {}
         for i, (gh, gw) in enumerate(grid):
             offsets.append(offsets[-1] + gh * gw)
@@ -176,7 +177,7 @@ class Teacher(nn.Module):
                 starts[i] = pos
                 pos += offsets[i + 1] - offsets[i]
             index = [starts[i] + k for i in range(len(grid)) for k in range(offsets[i + 1] - offsets[i])]
-            restore = torch.tensor(index, device=pixel_values.device)
+            restore = torch.tensor(index).to(pixel_values.device, non_blocking=True)  # no wait on the device
         out = {}
         for b, f in feats.items():
             parts, start = [], 0

@@ -157,7 +157,13 @@ class VoRAForCausalLM(VoRAPreTrainedModel, GenerationMixin):
         if expected != n_patches:
             raise ValueError(f"pixel_values has {n_patches} patches but image_grid_hw describes {expected}")
         image_embeds = self.vision_embed(pixel_values, image_grid_hw, image_grid_list).to(embeds.dtype)
-        embeds = embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds)
+        if image_grid_list is not None:
+            # Positions sized by the host count: unlike masked_scatter, whose backward (masked_select) must read
+            # the mask's count back from the GPU, nothing here or in backward syncs.
+            positions = torch.nonzero_static(is_image.flatten(), size=n_patches).squeeze(1)
+            embeds = embeds.flatten(0, 1).index_copy(0, positions, image_embeds).view_as(embeds)
+        else:
+            embeds = embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds)
         return embeds, is_image
 
     # --- forward ------------------------------------------------------------------------------
