@@ -359,10 +359,12 @@ def chunked_lm_loss(hidden, labels, lm_head: nn.Linear, num_items_in_batch, num_
     grad_enabled = torch.is_grad_enabled()
     if hasattr(weight, "ds_id"):
         # ZeRO-3 partitions the lm_head: gather it once per forward on every rank (the same collective count
-        # everywhere, whatever each rank's label count); the loss needs no weight in backward.
+        # everywhere, whatever each rank's label count); the loss needs no weight in backward. A weight that is
+        # already gathered (tied to the embedding, still held by it) is used as it is and left to its holder.
         import deepspeed
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-        params = [weight] if bias is None else [weight, bias]
+        params = [x for x in (weight, bias) if x is not None and x.ds_status == ZeroParamStatus.NOT_AVAILABLE]
         with deepspeed.zero.GatheredParameters(params):
             total = _LinearCrossEntropy.apply(h, weight, bias, targets, chunk_size, softcap, grad_enabled)
     else:
