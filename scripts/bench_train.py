@@ -114,7 +114,6 @@ def build_models(shape: Shape, root: str, device, dtype, attn: str | None, chunk
         vora.config.use_cache = False
     pairs = default_layer_map(min(shape.lora_layers, shape.layers), shape.t_layers)
     teacher = Teacher.from_pretrained(teacher_dir, blocks=sorted({t for _, t in pairs}), dtype=dtype)
-    mean = std = None
     with open(os.path.join(teacher_dir, "preprocessor_config.json")) as f:
         pp = json.load(f)
         mean, std = pp["image_mean"], pp["image_std"]
@@ -137,7 +136,8 @@ def save_teacher(shape: Shape, path: str, device, dtype) -> str:
             model = CLIPVisionModel(CLIPVisionConfig(**common)).to(dtype)
     model.save_pretrained(path)
     with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
-        json.dump({"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}, f)
+        clip_mean, clip_std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+        json.dump({"image_mean": clip_mean, "image_std": clip_std}, f)
     return path
 
 
@@ -364,7 +364,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                     help="default: bfloat16 on GPU, float32 on CPU")
-    ap.add_argument("--attn-implementation", default="sdpa", help="passed to from_llm (eager, sdpa, flex_attention, …)")
+    ap.add_argument("--attn-implementation", default="sdpa",
+                    help="passed to from_llm (eager, sdpa, flex_attention, …)")
     ap.add_argument("--packing", action=argparse.BooleanOptionalAction, default=False,
                     help="collator packing (row capacity: two samples)")
     ap.add_argument("--chunked-ce", action=argparse.BooleanOptionalAction, default=True,

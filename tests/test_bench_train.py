@@ -10,9 +10,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_bench_train_tiny_reports_its_table():
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    path = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     run = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench_train.py"), "--shape", "tiny", "--device", "cpu", "--warmup", "1"],
+        [sys.executable, str(REPO / "scripts" / "bench_train.py"), "--shape", "tiny", "--device", "cpu",
+         "--warmup", "1"],
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]

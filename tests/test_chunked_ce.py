@@ -128,8 +128,8 @@ def test_micro_batches_normalised_by_the_step_label_count(dirs):
     with torch.no_grad():
         total = 0.0
         for b in batches:
-            logits = model.vora(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"],
-                                image_grid_hw=b["image_grid_hw"]).logits
+            logits = model.vora(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                pixel_values=b["pixel_values"], image_grid_hw=b["image_grid_hw"]).logits
             total += F.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(), reduction="sum")
     torch.testing.assert_close(got.sum(), total / n)
 
@@ -181,7 +181,8 @@ def test_chunked_lm_loss_function_against_full_cross_entropy(softcap, chunk):
 
     n = int((labels[:, 1:] != -100).sum())
     for count in (None, n):
-        got = chunked_lm_loss(hidden, labels, head, num_items, num_label_tokens=count, softcap=softcap, chunk_size=chunk)
+        got = chunked_lm_loss(hidden, labels, head, num_items, num_label_tokens=count, softcap=softcap,
+                              chunk_size=chunk)
         got_grads = torch.autograd.grad(2 * got, [hidden, head.weight, head.bias])  # grad_output is applied
         torch.testing.assert_close(got, ref)
         for g, r in zip(got_grads, ref_grads):

@@ -37,7 +37,8 @@ def count_reads(monkeypatch):
 
 
 def collate(kind, packing=False):
-    col = VoRACollator(0, max_length=64 if packing else None, packing=packing, patch_size=P, image_token_id=IMAGE_TOKEN_ID)
+    col = VoRACollator(0, max_length=64 if packing else None, packing=packing, patch_size=P,
+                       image_token_id=IMAGE_TOKEN_ID)
     return col(SAMPLES[kind])
 
 

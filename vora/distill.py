@@ -403,7 +403,9 @@ class VoRAForTraining(nn.Module):
     (`chunked_lm_loss`); otherwise from transformers' full-vocabulary logits at every position (the reference).
     """
 
-    def __init__(self, vora, teacher: Teacher | None = None, pairs: list[tuple[int, int]] | None = None, weight: float = 1.0, image_mean=None, image_std=None, chunked_ce: bool = True, ce_chunk_size: int = 1024):
+    def __init__(self, vora, teacher: Teacher | None = None, pairs: list[tuple[int, int]] | None = None,
+                 weight: float = 1.0, image_mean=None, image_std=None, chunked_ce: bool = True,
+                 ce_chunk_size: int = 1024):
         super().__init__()
         self.vora = vora
         self.teacher = teacher
@@ -440,7 +442,9 @@ class VoRAForTraining(nn.Module):
     def config(self):
         return self.vora.config
 
-    def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None, image_grid_hw=None, position_ids=None, num_items_in_batch=None, image_grid_list=None, num_label_tokens=None, **kwargs) -> VoRALoss:
+    def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None, image_grid_hw=None,
+                position_ids=None, num_items_in_batch=None, image_grid_list=None, num_label_tokens=None,
+                **kwargs) -> VoRALoss:
         """`image_grid_list` (image_grid_hw as host ints) and `num_label_tokens` (host int: label tokens after the
         shift) come from `VoRACollator`; with them the step reads nothing back from the device on the way. Without
         them (hand-built batches) they are read from the tensors, which costs host syncs but gives the same loss."""
@@ -449,7 +453,8 @@ class VoRAForTraining(nn.Module):
         device = input_ids.device
         has_images = image_grid_hw is not None and image_grid_hw.shape[0] > 0
         if has_images:
-            grid = [tuple(int(x) for x in hw) for hw in (image_grid_list if image_grid_list is not None else image_grid_hw.tolist())]
+            host_grid = image_grid_list if image_grid_list is not None else image_grid_hw.tolist()
+            grid = [(int(h), int(w)) for h, w in host_grid]
             live = 1.0
         else:
             # A 1×1 dummy image feeds the patch embedding, teacher and heads (weight 0), so they run on every rank.
@@ -496,7 +501,9 @@ class VoRAForTraining(nn.Module):
             num_items_in_batch = torch.as_tensor(num_items_in_batch, device=labels.device).clamp(min=1)
         try:
             if self.chunked_ce and labels is not None:
-                hidden = self.vora.last_hidden_state(**vora_inputs, attention_mask=attention_mask, position_ids=position_ids)
+                hidden = self.vora.last_hidden_state(
+                    **vora_inputs, attention_mask=attention_mask, position_ids=position_ids
+                )
                 lm_loss = chunked_lm_loss(
                     hidden, labels, self.vora.get_output_embeddings(), num_items_in_batch, num_label_tokens,
                     softcap=self.logit_softcap, chunk_size=self.ce_chunk_size,

@@ -224,7 +224,8 @@ class VoRAForCausalLM(VoRAPreTrainedModel, GenerationMixin):
         return out.last_hidden_state
 
     def _decoder_inputs(
-        self, input_ids, attention_mask, position_ids, cache, inputs_embeds, pixel_values, image_grid_hw, image_grid_list
+        self, input_ids, attention_mask, position_ids, cache, inputs_embeds, pixel_values, image_grid_hw,
+        image_grid_list,
     ):
         """(inputs_embeds, attention_mask) for the decoder: images written in, VoRA's mask built where needed."""
         if inputs_embeds is None:
