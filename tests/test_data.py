@@ -591,7 +591,8 @@ def test_collator_padding(proc):
     s = _samples(proc, 3)
     for side in ("right", "left"):
         b = VoRACollator(proc.pad_token_id, padding_side=side)(s)
-        assert set(b) == {"input_ids", "attention_mask", "labels", "pixel_values", "image_grid_hw"}
+        assert set(b) == {"input_ids", "attention_mask", "labels", "pixel_values", "image_grid_hw", "num_label_tokens"}
+        assert b["num_label_tokens"] == sum(int((x["labels"][1:] != -100).sum()) for x in s)
         for i, x in enumerate(s):
             n = len(x["input_ids"])
             sl = slice(0, n) if side == "right" else slice(b["input_ids"].shape[1] - n, None)

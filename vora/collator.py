@@ -11,6 +11,10 @@ Batch:
 * ``position_ids`` [B, L] long — only when packing: restart at 0 for each packed sample, 0 on padding
 * ``pixel_values`` [P, 3*p*p] float and ``image_grid_hw`` [N, 2] long: all images of the batch in order of
   appearance (row-major over the batch, then position); ``[0, 3*p*p]`` / ``[0, 2]`` for text-only batches.
+* ``num_label_tokens`` int and, with ``image_token_id``, ``image_grid_list`` (``image_grid_hw`` as a tuple of
+  ``(gh, gw)`` int pairs): host-side geometry, plain Python so the Trainer leaves it on the host. The model sizes
+  its gathers from them instead of reading the device back (see ``VoRAForTraining.forward``). ``image_grid_list``
+  is only sent after each sample's ``<image>`` tokens were checked against its grids here, on the CPU copy.
 
 If every sample of a batch was skipped, the collator returns a one-row, one-token batch (the pad token,
 segment 1) with no label tokens, so that every rank still takes the step; the loss must treat zero label tokens
@@ -36,6 +40,8 @@ class VoRACollator:
       either, since the model shifts labels), so no sample is trained to continue the previous one.
     * ``pad_to_multiple_of``: round the padded length up.
     * ``patch_size``: only used for the shape of an empty ``pixel_values`` when no sample gives one.
+    * ``image_token_id``: check every sample's placeholder count against its image grids (a clear error naming
+      the sample) and send ``image_grid_list``, which lets the model skip that check on the device.
     """
 
     def __init__(
@@ -46,6 +52,7 @@ class VoRACollator:
         packing: bool = False,
         pad_to_multiple_of: int | None = None,
         patch_size: int = 14,
+        image_token_id: int | None = None,
     ):
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
@@ -59,6 +66,7 @@ class VoRACollator:
         self.packing = packing
         self.pad_to_multiple_of = pad_to_multiple_of
         self.patch_size = patch_size
+        self.image_token_id = image_token_id
 
     # ------------------------------------------------------------------
     def pack(self, lengths: Sequence[int]) -> list[list[int]]:
@@ -82,13 +90,14 @@ class VoRACollator:
         kept = [s for s in samples if s is not None]
         dim = next((s["pixel_values"].shape[1] for s in kept if "pixel_values" in s), 3 * self.patch_size**2)
         if not kept:
-            return {
+            batch = {
                 "input_ids": torch.full((1, 1), self.pad_token_id, dtype=torch.long),
                 "attention_mask": torch.ones(1, 1, dtype=torch.long),
                 "labels": torch.full((1, 1), IGNORE_INDEX, dtype=torch.long),
                 "pixel_values": torch.zeros(0, dim),
                 "image_grid_hw": torch.zeros(0, 2, dtype=torch.long),
             }
+            return {**batch, **self.host_geometry(kept, batch)}
         lengths = [int(s["input_ids"].shape[0]) for s in kept]
         if self.packing:
             rows = self.pack(lengths)
@@ -134,7 +143,24 @@ class VoRACollator:
         }
         if self.packing:
             batch["position_ids"] = position_ids
+        batch.update(self.host_geometry(kept, batch))
         return batch
+
+    def host_geometry(self, kept, batch) -> dict:
+        """Plain-Python facts about the batch, computed once here on the CPU (see the module docstring)."""
+        out = {"num_label_tokens": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())}
+        if self.image_token_id is not None:
+            for i, s in enumerate(kept):
+                grid = s.get("image_grid_hw")
+                want = 0 if grid is None else int((grid[:, 0] * grid[:, 1]).sum())
+                got = int((s["input_ids"] == self.image_token_id).sum())
+                if got != want:
+                    raise ValueError(
+                        f"collator: sample {i} of the batch has {got} '<image>' tokens but its image grids have {want} "
+                        "patches; encode samples with VoRAProcessor so placeholders match the images"
+                    )
+            out["image_grid_list"] = tuple(tuple(int(x) for x in hw) for hw in batch["image_grid_hw"].tolist())
+        return out
 
 
 def block_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -100,6 +100,9 @@ class ModelSection:
     dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = _doc(
         "weights dtype at load (default: bfloat16 with train.bf16 under DeepSpeed, else float32)", default=None)
     init_patch_embed_from_teacher: bool = _doc("copy the teacher's patch conv (and norm / positions) into the patch embedding", default=True)
+    chunked_ce: bool = _doc(
+        "LM loss from lm_head logits at label positions only, in chunks, never every position's full-vocabulary "
+        "logits (false: transformers' own loss; same value)", default=True)
 
 
 @dataclass

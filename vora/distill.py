@@ -147,29 +147,48 @@ class Teacher(nn.Module):
         """Teacher features aligned with the student's patches: {block: [P, width]} in pixel_values' order.
 
         The teacher sees the same pixels: un-patchify, undo the student normalisation, resize to the
-        teacher's input size; its feature grid is then interpolated to each image's student grid.
+        teacher's input size; its feature grid is then interpolated to each image's student grid. `grid` is host
+        ints (no device read-back); images of equal grid are un-patchified, resized and interpolated together.
         """
         p = patch_size
-        mean = torch.as_tensor(mean, dtype=torch.float32, device=pixel_values.device).view(3, 1, 1)
-        std = torch.as_tensor(std, dtype=torch.float32, device=pixel_values.device).view(3, 1, 1)
-        images, offset = [], 0
-        for gh, gw in grid:
-            n = gh * gw
-            x = pixel_values[offset : offset + n].float().view(gh, gw, 3, p, p).permute(2, 0, 3, 1, 4).reshape(3, gh * p, gw * p)
+        # Non-blocking: a blocking host → device copy waits for the device's queue (here: nothing to wait for yet).
+        mean = torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1).to(pixel_values.device, non_blocking=True)
+        std = torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1).to(pixel_values.device, non_blocking=True)
+        offsets, groups = [0], {}
+        for i, (gh, gw) in enumerate(grid):
+            offsets.append(offsets[-1] + gh * gw)
+            groups.setdefault((gh, gw), []).append(i)
+        images, order = [], []
+        for (gh, gw), members in groups.items():
+            rows = [pixel_values[offsets[i] : offsets[i + 1]] for i in members]
+            x = (torch.cat(rows) if len(rows) > 1 else rows[0]).float()
+            x = x.view(len(members), gh, gw, 3, p, p).permute(0, 3, 1, 4, 2, 5).reshape(len(members), 3, gh * p, gw * p)
             x = (x * std + mean).clamp(0, 1)
-            images.append(F.interpolate(x[None], size=self.image_size, mode="bicubic", align_corners=False, antialias=True))
-            offset += n
+            images.append(F.interpolate(x, size=self.image_size, mode="bicubic", align_corners=False, antialias=True))
+            order += members
         # self.forward, not self(...): DeepSpeed ZeRO-3's module hooks reject dict outputs with int keys.
-        feats = self.forward(torch.cat(images).clamp(0, 1))
+        feats = self.forward(torch.cat(images).clamp(0, 1) if len(images) > 1 else images[0].clamp(0, 1))
+        # Features come out in group order; `restore` puts the images' patch rows back in pixel_values' order.
+        restore = None
+        if order != sorted(order):
+            starts = {i: 0 for i in order}
+            pos = 0
+            for i in order:
+                starts[i] = pos
+                pos += offsets[i + 1] - offsets[i]
+            index = [starts[i] + k for i in range(len(grid)) for k in range(offsets[i + 1] - offsets[i])]
+            restore = torch.tensor(index).to(pixel_values.device, non_blocking=True)  # no wait on the device
         out = {}
         for b, f in feats.items():
-            parts = []
-            for i, (gh, gw) in enumerate(grid):
-                fi = f[i : i + 1].float()
-                if (gh, gw) != tuple(fi.shape[-2:]):
-                    fi = F.interpolate(fi, size=(gh, gw), mode="bilinear", align_corners=False)
-                parts.append(fi[0].flatten(1).t())
-            out[b] = torch.cat(parts)
+            parts, start = [], 0
+            for (gh, gw), members in groups.items():
+                fg = f[start : start + len(members)].float()
+                start += len(members)
+                if (gh, gw) != tuple(fg.shape[-2:]):
+                    fg = F.interpolate(fg, size=(gh, gw), mode="bilinear", align_corners=False)
+                parts.append(fg.flatten(2).transpose(1, 2).reshape(-1, fg.shape[1]))
+            rows = torch.cat(parts) if len(parts) > 1 else parts[0]
+            out[b] = rows if restore is None else rows.index_select(0, restore)
         return out
 
 
@@ -266,6 +285,97 @@ def block_loss(student: torch.Tensor, teacher: torch.Tensor, image_index: torch.
     return (sums / counts).mean()
 
 
+# --- LM loss at label positions only -----------------------------------------------------------------------
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Σ over rows of CE(softcap(h Wᵀ + b), target), chunk by chunk, with the gradients w.r.t. `h` (and `W`, `b`
+    when they train) computed in the same pass: a chunk's [rows, vocab] logits die with the chunk, backward only
+    scales the stored gradients (no recomputation, no second lm_head call — see `chunked_lm_loss` for ZeRO-3).
+
+    Dtypes follow the transformers path it replaces: logits in the weights' dtype, then fp32 for the softmax; the
+    logit gradient is cast back to the weights' dtype for the two matmuls, as autograd does through `.float()`.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, softcap, grad_enabled):
+        # needs_input_grad ignores no_grad mode (evaluation): the caller passes it.
+        need_h, need_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
+        need_b = grad_enabled and bias is not None and ctx.needs_input_grad[2]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+            logits = F.linear(h, weight, bias).float()
+            if softcap:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            # dCE/dlogits = softmax − one-hot, built in place in the logits buffer.
+            g = logits.sub_(lse[:, None]).exp_()
+            g[torch.arange(len(t), device=g.device), t] -= 1
+            if softcap:  # d(c·tanh(z/c))/dz = 1 − tanh²
+                g.mul_(capped.mul_(capped).neg_().add_(1))
+            g = g.to(weight.dtype)
+            if need_h:
+                grad_h[start : start + chunk_size] = g @ weight
+            if need_w:
+                grad_w += (g.t() @ h).float()
+            if need_b:
+                grad_b += g.float().sum(0)
+        ctx.save_for_backward(*(x for x in (grad_h, grad_w, grad_b) if x is not None))
+        ctx.has = (need_h, need_w, need_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = iter(ctx.saved_tensors)
+        grads = [(next(saved) * grad_out).to(dtype) if need else None for need, dtype in zip(ctx.has, ctx.dtypes)]
+        return *grads, None, None, None, None
+
+
+def chunked_lm_loss(hidden, labels, lm_head: nn.Linear, num_items_in_batch, num_label_tokens: int | None = None,
+                    softcap: float | None = None, chunk_size: int = 1024) -> torch.Tensor:
+    """Σ token CE over label tokens / `num_items_in_batch` — transformers' `ForCausalLMLoss` with a sum reduction —
+    from the final hidden states `[B, L, H]`, with `lm_head` logits computed only where a label is predicted
+    (position t predicts labels[t + 1]; rows never wrap) and never for the whole vocabulary × sequence at once.
+
+    `num_label_tokens` (host int, the count of labels[:, 1:] != -100, from the collator) sizes the gather without
+    reading it back from the device; without it the positions come from `nonzero` (one host sync).
+    """
+    predicts = F.pad(labels[:, 1:] != -100, (0, 1), value=False).flatten()
+    if num_label_tokens is None:
+        positions = predicts.nonzero().squeeze(1)
+    else:
+        positions = torch.nonzero_static(predicts, size=int(num_label_tokens)).squeeze(1)
+    h = hidden.flatten(0, 1).index_select(0, positions)
+    targets = labels.flatten().index_select(0, positions + 1)
+    weight, bias = lm_head.weight, lm_head.bias
+    grad_enabled = torch.is_grad_enabled()
+    if hasattr(weight, "ds_id"):
+        # ZeRO-3 partitions the lm_head: gather it once per forward on every rank (the same collective count
+        # everywhere, whatever each rank's label count); the loss needs no weight in backward. A weight that is
+        # already gathered (tied to the embedding, still held by it) is used as it is and left to its holder.
+        import deepspeed
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        params = [x for x in (weight, bias) if x is not None and x.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+        with deepspeed.zero.GatheredParameters(params):
+            total = _LinearCrossEntropy.apply(h, weight, bias, targets, chunk_size, softcap, grad_enabled)
+    else:
+        total = _LinearCrossEntropy.apply(h, weight, bias, targets, chunk_size, softcap, grad_enabled)
+    return total / num_items_in_batch
+
+
+# Logit transforms `chunked_lm_loss` does not apply (it knows lm_head + optional final soft-capping only).
+_UNSUPPORTED_LOGIT_KEYS = ("logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
 @dataclass
 class VoRALoss:
     loss: torch.Tensor
@@ -288,18 +398,34 @@ class VoRAForTraining(nn.Module):
     Every step runs every module — patch embedding, teacher, heads — even on text-only micro-batches
     (on a 1×1 dummy image, with weight 0), so all DeepSpeed ranks execute the same modules and ZeRO-3
     never waits on a rank that skipped one. The LM loss is unaffected by the dummy path.
+
+    `chunked_ce` (default): the LM loss comes from the decoder's hidden states at label positions only
+    (`chunked_lm_loss`); otherwise from transformers' full-vocabulary logits at every position (the reference).
     """
 
-    def __init__(self, vora, teacher: Teacher | None = None, pairs: list[tuple[int, int]] | None = None, weight: float = 1.0, image_mean=None, image_std=None):
+    def __init__(self, vora, teacher: Teacher | None = None, pairs: list[tuple[int, int]] | None = None,
+                 weight: float = 1.0, image_mean=None, image_std=None, chunked_ce: bool = True,
+                 ce_chunk_size: int = 1024):
         super().__init__()
         self.vora = vora
         self.teacher = teacher
         self.pairs = list(pairs or [])
         self.weight = float(weight)
+        self.chunked_ce = bool(chunked_ce)
+        self.ce_chunk_size = int(ce_chunk_size)
+        text_config = vora.config.text_config
+        self.logit_softcap = getattr(text_config, "final_logit_softcapping", None)
+        if self.chunked_ce:
+            odd = [k for k in _UNSUPPORTED_LOGIT_KEYS if getattr(text_config, k, None) not in (None, 1, 1.0)]
+            if odd:
+                raise ValueError(
+                    f"model.chunked_ce: {text_config.model_type} transforms its logits ({', '.join(odd)}), which the "
+                    "chunked LM loss does not reproduce; set model.chunked_ce: false"
+                )
         if teacher is not None:
             if not self.pairs:
                 raise ValueError("distill.layer_map: no (LLM block, ViT block) pairs")
-            depth = vora.config.text_config.num_hidden_layers
+            depth = text_config.num_hidden_layers
             bad = [s for s, _ in self.pairs if not 1 <= s <= depth]
             if bad:
                 raise ValueError(f"distill.layer_map: LLM block(s) {bad} outside 1..{depth}")
@@ -308,7 +434,7 @@ class VoRAForTraining(nn.Module):
                 raise ValueError(f"distill.layer_map: teacher was loaded without block(s) {missing}")
             if image_mean is None or image_std is None:
                 raise ValueError("VoRAForTraining: the student's image_mean/image_std are needed to show the teacher the same pixels")
-            self.distill_heads = distill_heads(self.pairs, vora.config.text_config.hidden_size, teacher.width)
+            self.distill_heads = distill_heads(self.pairs, text_config.hidden_size, teacher.width)
             self.distill_heads.to(vora.dtype)
         self.image_mean, self.image_std = image_mean, image_std
 
@@ -316,10 +442,33 @@ class VoRAForTraining(nn.Module):
     def config(self):
         return self.vora.config
 
-    def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None, image_grid_hw=None, position_ids=None, num_items_in_batch=None, **kwargs) -> VoRALoss:
+    def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None, image_grid_hw=None,
+                position_ids=None, num_items_in_batch=None, image_grid_list=None, num_label_tokens=None,
+                **kwargs) -> VoRALoss:
+        """`image_grid_list` (image_grid_hw as host ints) and `num_label_tokens` (host int: label tokens after the
+        shift) come from `VoRACollator`; with them the step reads nothing back from the device on the way. Without
+        them (hand-built batches) they are read from the tensors, which costs host syncs but gives the same loss."""
         cfg = self.vora.config
         p = cfg.patch_size
+        device = input_ids.device
         has_images = image_grid_hw is not None and image_grid_hw.shape[0] > 0
+        if has_images:
+            host_grid = image_grid_list if image_grid_list is not None else image_grid_hw.tolist()
+            grid = [(int(h), int(w)) for h, w in host_grid]
+            live = 1.0
+        else:
+            # A 1×1 dummy image feeds the patch embedding, teacher and heads (weight 0), so they run on every rank.
+            grid = [(1, 1)]
+            pixel_values = torch.zeros(1, 3 * p * p, device=device, dtype=self.vora.dtype)
+            image_grid_hw = torch.ones(1, 2, dtype=torch.long, device=device)
+            live = 0.0
+        n_patches = sum(h * w for h, w in grid)
+
+        # The teacher depends on the pixels only: queue it before the LLM, so the host never waits on the LLM.
+        teacher_feats = None
+        if self.teacher is not None:
+            teacher_feats = self.teacher.features_for(pixel_values, grid, p, self.image_mean, self.image_std)
+
         captured: dict[int, torch.Tensor] = {}
         hooks = []
         if self.teacher is not None:
@@ -329,17 +478,17 @@ class VoRAForTraining(nn.Module):
                     captured[s] = output[0] if isinstance(output, tuple) else output
                 hooks.append(layers[s - 1].register_forward_hook(hook))
         if has_images:
-            vora_inputs = dict(input_ids=input_ids, pixel_values=pixel_values, image_grid_hw=image_grid_hw)
+            # Only the collator's image_grid_list vouches for the placeholders (it checked them on the CPU); a grid
+            # read back here does not, so then the model checks them on the device.
+            vora_inputs = dict(input_ids=input_ids, pixel_values=pixel_values, image_grid_hw=image_grid_hw,
+                               image_grid_list=image_grid_list)
         else:
-            # Dummy 1×1 image through the patch embedding exactly where real images enter — inside the VoRA
+            # The dummy image enters through the patch embedding exactly where real images do — inside the VoRA
             # forward, right after the token embedding — with weight 0: every rank calls the same modules in the
             # same order, which DeepSpeed ZeRO-3 requires (it gathers parameters in its recorded module order and
             # checks that all ranks agree).
-            pixel_values = torch.zeros(1, 3 * p * p, device=input_ids.device, dtype=self.vora.dtype)
-            image_grid_hw = torch.ones(1, 2, dtype=torch.long, device=input_ids.device)
-
             def add_dummy_image(_module, _args, embeds):
-                dummy = self.vora.vision_embed(pixel_values, image_grid_hw)
+                dummy = self.vora.vision_embed(pixel_values, image_grid_hw, grid)
                 return embeds + 0.0 * dummy.sum().to(embeds.dtype)
 
             hooks.append(self.vora.language_model.get_input_embeddings().register_forward_hook(add_dummy_image))
@@ -351,32 +500,39 @@ class VoRAForTraining(nn.Module):
                 num_items_in_batch = (labels[:, 1:] != -100).sum()
             num_items_in_batch = torch.as_tensor(num_items_in_batch, device=labels.device).clamp(min=1)
         try:
-            out = self.vora(
-                **vora_inputs, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
-                use_cache=False, num_items_in_batch=num_items_in_batch, logits_to_keep=0,
-            )
+            if self.chunked_ce and labels is not None:
+                hidden = self.vora.last_hidden_state(
+                    **vora_inputs, attention_mask=attention_mask, position_ids=position_ids
+                )
+                lm_loss = chunked_lm_loss(
+                    hidden, labels, self.vora.get_output_embeddings(), num_items_in_batch, num_label_tokens,
+                    softcap=self.logit_softcap, chunk_size=self.ce_chunk_size,
+                )
+            else:
+                out = self.vora(
+                    **vora_inputs, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
+                    use_cache=False, num_items_in_batch=num_items_in_batch, logits_to_keep=0,
+                )
+                lm_loss = out.loss
         finally:
             for h in hooks:
                 h.remove()
-        lm_loss = out.loss
         zero = lm_loss.new_zeros(())
-
-        if has_images:
-            grid = [tuple(hw) for hw in image_grid_hw.tolist()]
-            image_pos = (input_ids == cfg.image_token_id).flatten().nonzero().squeeze(1)
-            live = 1.0
-        else:
-            # The dummy image also feeds the teacher and heads (weight 0), so they run on every rank too.
-            grid = [(1, 1)]
-            image_pos = torch.zeros(1, dtype=torch.long, device=input_ids.device)
-            live = 0.0
 
         if self.teacher is None:
             return VoRALoss(lm_loss + zero, lm_loss.detach(), zero.detach(), zero.new_zeros(0))
 
-        sizes = torch.tensor([h * w for h, w in grid], device=input_ids.device)
-        image_index = torch.repeat_interleave(torch.arange(len(grid), device=input_ids.device), sizes)
-        teacher_feats = self.teacher.features_for(pixel_values, grid, p, self.image_mean, self.image_std)
+        # Image token positions and each one's image, sized from host ints: no read-back of the device.
+        if has_images:
+            is_image = (input_ids == cfg.image_token_id).flatten()
+            image_pos = torch.nonzero_static(is_image, size=n_patches).squeeze(1)
+            sizes = image_grid_hw[:, 0] * image_grid_hw[:, 1]
+            image_index = torch.repeat_interleave(torch.arange(len(grid), device=device), sizes, output_size=n_patches)
+        else:
+            image_pos = torch.zeros(1, dtype=torch.long, device=device)
+            image_index = torch.zeros(1, dtype=torch.long, device=device)
+        # One head per distilled block (different weights and widths of captured states): a loop of K small
+        # matmuls; stacking them into a bmm would save launches, not FLOPs, at the cost of clarity.
         losses = []
         for head, (s, t) in zip(self.distill_heads, self.pairs):
             h = captured[s]

@@ -166,6 +166,10 @@ def generate(args) -> int:
     from vora.modeling_vora import check_attention_for
 
     model_dir = resolve_model(args.model)
+    try:  # before loading: a kernel that drops the image mask would answer about causally-read images
+        check_attention_for(model_dir, args.attn_implementation, "--attn-implementation")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     processor = AutoProcessor.from_pretrained(model_dir)
     images = []
     for path in args.image:
@@ -181,10 +185,6 @@ def generate(args) -> int:
         raise UsageError("the input is empty (no prompt text, no image): there is nothing to generate from")
     prompt_len = inputs["input_ids"].shape[-1]
     max_new_tokens = cap_new_tokens(args.max_new_tokens, prompt_len, AutoConfig.from_pretrained(model_dir))
-    try:  # before loading: a kernel that drops the image mask would answer about causally-read images
-        check_attention_for(model_dir, args.attn_implementation, "--attn-implementation")
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     model = load_model(model_dir, args.device, args.dtype, args.attn_implementation)
     inputs = inputs.to(model.device)
     if "pixel_values" in inputs:

@@ -57,13 +57,14 @@ class VoRAPatchEmbed(nn.Module):
             parts.append(cache[hw])
         return torch.cat(parts).to(self.position.dtype)
 
-    def forward(self, pixel_values: torch.Tensor, image_grid_hw: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, image_grid_hw: torch.Tensor, image_grid_list=None) -> torch.Tensor:
+        """`image_grid_list`: the same grid sizes as host ints (the training collator sends them); without it
+        they are read back from `image_grid_hw` — one small host sync (N×2 ints), as every HF VLM does."""
         weight = self.conv.weight.flatten(1)
         x = F.linear(pixel_values.to(weight.dtype), weight, self.conv.bias)
         x = self.norm(x)
-        # One small host read of the grid sizes (N×2 ints) per forward, as every HF VLM does.
-        grid = [tuple(hw) for hw in image_grid_hw.tolist()]
-        x = x + self.position_for(grid).to(x.dtype)
+        grid = image_grid_list if image_grid_list is not None else image_grid_hw.tolist()
+        x = x + self.position_for([tuple(hw) for hw in grid]).to(x.dtype)
         return self.proj(x)
 
 
@@ -159,8 +160,13 @@ class VoRAForCausalLM(VoRAPreTrainedModel, GenerationMixin):
         return self.language_model.get_decoder()
 
     # --- inputs -------------------------------------------------------------------------------
-    def embed_inputs(self, input_ids, pixel_values=None, image_grid_hw=None):
-        """Text embeddings with each image's patch tokens written at its placeholder run."""
+    def embed_inputs(self, input_ids, pixel_values=None, image_grid_hw=None, image_grid_list=None):
+        """Text embeddings with each image's patch tokens written at its placeholder run.
+
+        `image_grid_list` is `image_grid_hw` as host ints, given by a caller that has already checked the
+        placeholders against the images on its CPU copy of `input_ids` (`VoRACollator` does): then nothing is
+        read back from the device. Without it, the placeholder count is checked here (one host sync).
+        """
         image_token_id = self.config.image_token_id
         is_image = input_ids == image_token_id
         # The image token may lie beyond the LLM's vocabulary (added to the tokenizer, embeddings not
@@ -169,19 +175,30 @@ class VoRAForCausalLM(VoRAPreTrainedModel, GenerationMixin):
         embeds = self.language_model.get_input_embeddings()(safe_ids)
         n_images = 0 if image_grid_hw is None else image_grid_hw.shape[0]
         n_patches = 0 if pixel_values is None else pixel_values.shape[0]
-        n_tokens = int(is_image.sum())  # one sync per forward: wrong inputs must fail here, loudly
-        if n_tokens != n_patches:
-            raise ValueError(
-                f"image placeholders and images disagree: input_ids hold {n_tokens} '{self.config.image_token}' "
-                f"tokens but the {n_images} image(s) in image_grid_hw have {n_patches} patches in pixel_values"
-            )
+        if image_grid_list is not None:
+            if len(image_grid_list) != n_images:
+                raise ValueError(f"image_grid_list has {len(image_grid_list)} images but image_grid_hw {n_images}")
+            expected = sum(int(h) * int(w) for h, w in image_grid_list)
+        else:
+            n_tokens = int(is_image.sum())  # one sync per forward: wrong inputs must fail here, loudly
+            if n_tokens != n_patches:
+                raise ValueError(
+                    f"image placeholders and images disagree: input_ids hold {n_tokens} '{self.config.image_token}' "
+                    f"tokens but the {n_images} image(s) in image_grid_hw have {n_patches} patches in pixel_values"
+                )
+            expected = int((image_grid_hw[:, 0] * image_grid_hw[:, 1]).sum()) if n_images else 0
         if n_images == 0:
             return embeds, None
-        expected = int((image_grid_hw[:, 0] * image_grid_hw[:, 1]).sum())
         if expected != n_patches:
             raise ValueError(f"pixel_values has {n_patches} patches but image_grid_hw describes {expected}")
-        image_embeds = self.vision_embed(pixel_values, image_grid_hw).to(embeds.dtype)
-        embeds = embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds)
+        image_embeds = self.vision_embed(pixel_values, image_grid_hw, image_grid_list).to(embeds.dtype)
+        if image_grid_list is not None:
+            # Positions sized by the host count: unlike masked_scatter, whose backward (masked_select) must read
+            # the mask's count back from the GPU, nothing here or in backward syncs.
+            positions = torch.nonzero_static(is_image.flatten(), size=n_patches).squeeze(1)
+            embeds = embeds.flatten(0, 1).index_copy(0, positions, image_embeds).view_as(embeds)
+        else:
+            embeds = embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds)
         return embeds, is_image
 
     # --- forward ------------------------------------------------------------------------------
@@ -197,6 +214,7 @@ class VoRAForCausalLM(VoRAPreTrainedModel, GenerationMixin):
         image_grid_hw: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        image_grid_list: list | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         if (
@@ -209,10 +227,46 @@ class VoRAForCausalLM(VoRAPreTrainedModel, GenerationMixin):
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                 labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs,
             )
+        inputs_embeds, attention_mask = self._decoder_inputs(
+            input_ids, attention_mask, position_ids, cache, inputs_embeds, pixel_values, image_grid_hw, image_grid_list
+        )
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+    def last_hidden_state(
+        self, input_ids, attention_mask=None, position_ids=None, pixel_values=None, image_grid_hw=None,
+        image_grid_list=None, **kwargs,
+    ) -> torch.Tensor:
+        """The decoder's final (normed) hidden states `[B, L, H]`, without the `lm_head`: training computes the
+        LM loss from these at label positions only (`vora.distill.chunked_lm_loss`), never building logits for
+        every position. Same inputs, mask and decoder as `forward`: `get_decoder()` reaches the base decoder
+        through a peft wrapper too, whose LoRA layers sit inside it."""
+        inputs_embeds, attention_mask = self._decoder_inputs(
+            input_ids, attention_mask, position_ids, None, None, pixel_values, image_grid_hw, image_grid_list
+        )
+        out = self.get_decoder()(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+            **kwargs,
+        )
+        return out.last_hidden_state
+
+    def _decoder_inputs(
+        self, input_ids, attention_mask, position_ids, cache, inputs_embeds, pixel_values, image_grid_hw,
+        image_grid_list,
+    ):
+        """(inputs_embeds, attention_mask) for the decoder: images written in, VoRA's mask built where needed."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("VoRAForCausalLM.forward needs input_ids or inputs_embeds")
-            inputs_embeds, _ = self.embed_inputs(input_ids, pixel_values, image_grid_hw)
+            inputs_embeds, _ = self.embed_inputs(input_ids, pixel_values, image_grid_hw, image_grid_list)
         elif pixel_values is not None:
             raise ValueError("pass pixel_values with input_ids, not with inputs_embeds")
 
@@ -228,16 +282,7 @@ class VoRAForCausalLM(VoRAPreTrainedModel, GenerationMixin):
                 self.language_model.config, inputs_embeds, attention_mask, cache, position_ids, block_ids, packed
             )
         # Otherwise the LLM builds its usual causal mask: decoding costs exactly what the base LLM costs.
-        return self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            labels=labels,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
+        return inputs_embeds, attention_mask
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, is_first_iteration=False, pixel_values=None, image_grid_hw=None, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(input_ids, cache=cache, is_first_iteration=is_first_iteration, **kwargs)

@@ -414,7 +414,7 @@ def build_model(recipe: Recipe, args) -> Built:
     ip = processor.image_processor
     torch.manual_seed(args.seed + 2)
     model = VoRAForTraining(vora, teacher, pairs, weight=recipe.distill.weight if recipe.distill else 1.0,
-                            image_mean=ip.image_mean, image_std=ip.image_std)
+                            image_mean=ip.image_mean, image_std=ip.image_std, chunked_ce=recipe.model.chunked_ce)
     if teacher is not None:
         model.distill_heads.requires_grad_(True)
     if args.deepspeed and args.bf16:
@@ -500,7 +500,7 @@ def build_collator(recipe: Recipe, processor):
     d = recipe.data
     return VoRACollator(pad_token_id=processor.pad_token_id, padding_side="right",
                         max_length=d.max_length if d.packing else None, packing=d.packing, patch_size=processor.patch_size,
-                        pad_to_multiple_of=d.pad_to_multiple_of)
+                        pad_to_multiple_of=d.pad_to_multiple_of, image_token_id=processor.image_token_id)
 
 
 # ---------------------------------------------------------------------------------------------------- run
