@@ -148,12 +148,14 @@ def main(argv=None) -> int:
     if too_long:
         raise SystemExit(f"bench_packing: error: {len(too_long)} samples exceed --max-length {shape['max_length']}")
     micro = [corpus[i : i + shape["batch"]] for i in range(0, len(corpus), shape["batch"])]
+    # image_token_id: the collator checks placeholders on the host and passes the geometry along (vora-train's path)
+    common = dict(pad_to_multiple_of=bucket, patch_size=shape["patch"], image_token_id=shape["vocab"])
     collators = {
-        "padded": VoRACollator(0, pad_to_multiple_of=bucket, patch_size=shape["patch"]),
-        "packed": VoRACollator(0, max_length=shape["max_length"], packing=True, pad_to_multiple_of=bucket,
-                               patch_size=shape["patch"]),
+        "padded": VoRACollator(0, **common),
+        "packed": VoRACollator(0, max_length=shape["max_length"], packing=True, **common),
     }
-    batches = {mode: [{k: v.to(device) for k, v in col(m).items()} for m in micro] for mode, col in collators.items()}
+    batches = {mode: [{k: v.to(device) if torch.is_tensor(v) else v for k, v in col(m).items()} for m in micro]
+               for mode, col in collators.items()}
     for mode in batches:
         for b in batches[mode]:
             b["pixel_values"] = b["pixel_values"].to(dtype)

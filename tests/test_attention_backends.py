@@ -105,7 +105,7 @@ def test_flex_recipes_bucket_rows_to_whole_tiles(tmp_path):
     path = write(tmp_path, MINIMAL)
     flex = load_recipe(path, ["model.attn_implementation=flex_attention", "data.packing=true"])
     assert flex.data.pad_to_multiple_of == 128 and flex.to_dict()["data"]["pad_to_multiple_of"] == 128
-    collator = build_collator(flex, SimpleNamespace(pad_token_id=0, patch_size=14))
+    collator = build_collator(flex, SimpleNamespace(pad_token_id=0, patch_size=14, image_token_id=1))
     assert collator.pad_to_multiple_of == 128 and collator.packing
     batch = collator([{"input_ids": torch.arange(3, 203), "labels": torch.arange(3, 203)}])
     assert batch["input_ids"].shape == (1, 256)
