@@ -1,6 +1,7 @@
 """The embedded demo (scripts/demo.sh → python -m vora.demo): corpus, stand-ins, flags, and the --fast path end
 to end (deepspeed launcher → vora-merge → Auto classes → generate) learning above its bar."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -66,13 +67,98 @@ def test_images_vary_in_size_and_aspect_ratio(small_corpus):
     assert {r["count"] for r in labels} == {1, 2, 3} and {r["size"] for r in labels} == set(C.SIZES)
 
 
-def test_corpus_is_reused_and_deterministic(small_corpus, tmp_path):
+def _file_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_corpus_is_reused_and_byte_identical_for_a_seed(small_corpus, tmp_path):
     logs = []
     C.generate(str(small_corpus), n_train=60, n_heldout=12, text_fraction=0.1, seed=3, log=logs.append)
     assert logs and "reusing" in logs[0]
+    # Built again from nothing: every file, images included (pixels, noise and PNG bytes), is the same.
     other = tmp_path / "again"
     C.generate(str(other), n_train=60, n_heldout=12, text_fraction=0.1, seed=3, log=lambda m: None)
-    assert (other / "train.jsonl").read_text() == (small_corpus / "train.jsonl").read_text()
+    first, second = _file_hashes(small_corpus), _file_hashes(other)
+    assert len(first) == 60 + 12 + 5
+    differ = sorted(k for k in first if first[k] != second.get(k))
+    assert first.keys() == second.keys() and not differ, f"{len(differ)} files differ, e.g. {differ[:5]}"
+    # ... and another seed gives another corpus
+    C.generate(str(tmp_path / "seed4"), n_train=60, n_heldout=12, text_fraction=0.1, seed=4, log=lambda m: None)
+    third = _file_hashes(tmp_path / "seed4")
+    assert third["train.jsonl"] != first["train.jsonl"]
+    assert third["images/train_000000.png"] != first["images/train_000000.png"]
+
+
+# The questions a reader expects, written out here (not derived from corpus.QUESTIONS): about one shape …
+ONE_SHAPE = {
+    "colour": {"What colour is it?", "What is its colour?", "Which colour do you see?"},
+    "shape": {"What shape is it?", "Which shape is shown?", "What kind of shape is this?"},
+    "count": {"How many are there?", "How many objects do you see?", "Count the objects."},
+    "size": {"Is it small or large?", "How big is it?"},
+}
+# … and about two or three (size is not asked then: the shapes share one)
+SEVERAL_SHAPES = {
+    "colour": {"What colour are they?", "What is their colour?", "Which colour do you see?"},
+    "shape": {"What shape are they?", "Which shape is shown?", "What kind of shape are these?"},
+    "count": {"How many are there?", "How many objects do you see?", "Count the objects."},
+}
+# ("How many are there?" is neutral: whoever asks does not know the number)
+SINGULAR_WORDS = {"it", "its", "this"}
+PLURAL_WORDS = {"they", "their", "these"}
+
+
+def _words(text: str) -> set[str]:
+    return set(text.replace("?", " ").replace(".", " ").split())
+
+
+def _check_caption(caption: str, label: dict) -> None:
+    words = caption.split()
+    if label["count"] == 1:
+        assert words[:4] == ["a", label["size"], label["colour"], label["shape"]], caption
+    else:
+        assert words[:4] == [C.COUNT_WORDS[label["count"]], label["size"], label["colour"], label["shape"] + "s"], caption
+    assert words[-1] == ".", caption
+
+
+def test_questions_and_answers_agree_with_the_number_of_shapes(tmp_path):
+    out = tmp_path / "corpus"
+    C.generate(str(out), n_train=300, n_heldout=40, text_fraction=0.1, seed=5, log=lambda m: None)
+    labels = {r["image"]: r for r in _rows(out / "images.jsonl")}
+    answers = {"colour": lambda lab: lab["colour"], "shape": lambda lab: lab["shape"],
+               "count": lambda lab: C.COUNT_WORDS[lab["count"]], "size": lambda lab: lab["size"]}
+    seen = {1: set(), 2: set()}
+    rows = [r for r in _rows(out / "train.jsonl") if "image" in r] + _rows(out / "heldout.jsonl")
+    for r in rows:
+        label = labels[r["image"]]
+        expected = ONE_SHAPE if label["count"] == 1 else SEVERAL_SHAPES
+        conv = r["conversations"]
+        for human, gpt in zip(conv[0::2], conv[1::2]):
+            q, a = human["value"].replace("<image>\n", ""), gpt["value"]
+            assert "theys" not in q
+            if q in C.CAPTION_PROMPTS:
+                _check_caption(a, label)
+                continue
+            kind = [k for k, qs in expected.items() if q in qs]
+            assert kind, f"unexpected question {q!r} about {label['count']} shape(s)"
+            assert a == answers[kind[0]](label), (q, a, label)
+            wrong = PLURAL_WORDS if label["count"] == 1 else SINGULAR_WORDS
+            assert not _words(q) & wrong, f"{q!r} asked about {label['count']} shape(s)"
+            seen[min(label["count"], 2)].add(q)
+    # every wording is used
+    assert seen[1] == set().union(*ONE_SHAPE.values())
+    assert seen[2] == set().union(*SEVERAL_SHAPES.values())
+    # text-only rows: the scene in words (a caption that agrees with itself), then a question about it
+    for r in _rows(out / "train.jsonl"):
+        if "image" in r:
+            continue
+        q, a = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        assert "theys" not in q
+        if q.startswith("Repeat the description : "):
+            assert q.split(" : ", 1)[1] == a
+            continue
+        caption, question = q.split("\n")
+        several = caption.split()[0] != "a"
+        assert question in set().union(*(SEVERAL_SHAPES if several else ONE_SHAPE).values()), q
 
 
 def test_tokenizer_is_word_level_with_chat_template(small_corpus, tmp_path):

@@ -43,6 +43,15 @@ def _done(path: str, settings: dict) -> bool:
         return json.load(f) == settings
 
 
+def _corpus_settings(corpus_dir: str) -> dict | None:
+    """The corpus's own settings (its meta.json): a stand-in trained on another corpus is not reused."""
+    path = os.path.join(corpus_dir, "meta.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("settings")
+
+
 def _mark(path: str, settings: dict) -> None:
     with open(os.path.join(path, "demo_settings.json"), "w") as f:
         json.dump(settings, f, indent=1)
@@ -159,7 +168,8 @@ def pretrain_llm(path: str, corpus_dir: str, layers: int = 4, hidden: int = 128,
                  batch_size: int = 32, lr: float = 1e-3, seed: int = 0, eval_every: bool = False, log=print) -> str:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    settings = dict(layers=layers, hidden=hidden, steps=steps, batch_size=batch_size, lr=lr, seed=seed, version=1)
+    settings = dict(layers=layers, hidden=hidden, steps=steps, batch_size=batch_size, lr=lr, seed=seed, version=2,
+                    corpus=_corpus_settings(corpus_dir))
     if _done(path, settings):
         log(f"llm: reusing {path}")
         return path
@@ -253,7 +263,7 @@ def pretrain_teacher(path: str, corpus_dir: str, layers: int = 4, width: int = 1
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     settings = dict(layers=layers, width=width, image_size=image_size, patch_size=patch_size, steps=steps,
-                    batch_size=batch_size, lr=lr, seed=seed, version=2)
+                    batch_size=batch_size, lr=lr, seed=seed, version=3, corpus=_corpus_settings(corpus_dir))
     if _done(path, settings):
         log(f"teacher: reusing {path}")
         return path
