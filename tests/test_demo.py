@@ -179,6 +179,20 @@ def test_tokenizer_is_word_level_with_chat_template(small_corpus, tmp_path):
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
+def test_stand_in_is_rebuilt_when_its_corpus_changes(tmp_path):
+    corpus, llm = tmp_path / "corpus", tmp_path / "llm"
+    C.generate(str(corpus), n_train=8, n_heldout=2, seed=1, log=lambda m: None)
+    logs = []
+    P.pretrain_llm(str(llm), str(corpus), layers=1, hidden=32, steps=1, batch_size=2, log=logs.append)
+    P.pretrain_llm(str(llm), str(corpus), layers=1, hidden=32, steps=1, batch_size=2, log=logs.append)
+    assert "reusing" in logs[-1]
+    # the same directory now holds another corpus (another seed): the LLM it learned the captions of is stale
+    C.generate(str(corpus), n_train=8, n_heldout=2, seed=2, log=lambda m: None)
+    logs.clear()
+    P.pretrain_llm(str(llm), str(corpus), layers=1, hidden=32, steps=1, batch_size=2, log=logs.append)
+    assert not any("reusing" in m for m in logs), logs
+
+
 def test_flags_map_to_recipe_overrides_that_validate():
     args = R.parse_args(["--no-distill", "--attention", "causal", "--lora-layers", "2"])
     v = R.variant_from_args(args)
@@ -215,6 +229,32 @@ def test_compare_table_and_steps_to_80():
     assert "VoRA (default)" in text and "> 800" in text and "—" in text
 
 
+def test_several_seeds_print_their_spread_and_one_verdict():
+    assert R.parse_args([]).seed == [0]
+    assert R.parse_args(["--seed", "0", "1", "2"]).seed == [0, 1, 2]
+    for bad in (["--seed", "1", "1"], ["--threads", "0"]):
+        with pytest.raises(SystemExit):
+            R.parse_args(bad)
+    bars = {"colour": 0.90, "shape": 0.90}
+
+    def result(seed, shape):
+        acc = {"colour": 0.99, "shape": shape, "count": 0.9, "size": 0.95, "all": 0.93}
+        return {"label": "VoRA (default)", "seed": seed, "accuracy": acc, "steps": 1000, "train_seconds": 300.0,
+                "final_losses": {"lm_loss": 0.1, "distill_loss": 0.2}, "steps_to_80": 500,
+                "failed_bars": R.check_bars(acc, bars)}
+
+    good = [result(0, 0.947), result(1, 0.931), result(2, 0.962)]
+    ok, line = R.verdict(good, bars)
+    assert ok and line == ("demo: PASS — default configuration (seeds 0 1 2, worst seed): colour 99.0 % ≥ 90 %, "
+                           "shape 93.1 % ≥ 90 %")
+    ok, line = R.verdict([result(0, 0.87)], bars)
+    assert not ok and line == "demo: FAIL — default configuration (seed 0): colour 99.0 % ≥ 90 %, shape 87.0 % < 90 %"
+    ok, _ = R.verdict(good + [result(3, 0.899)], bars)
+    assert not ok
+    text = R.print_compare(good)
+    assert "VoRA (default) seed 1" in text and text.splitlines()[-1].split()[:4] == ["spread", "(min–max)", "99–99", "93–97"]
+
+
 @pytest.mark.skipif(os.environ.get("VORA_SKIP_DEMO") == "1", reason="VORA_SKIP_DEMO=1")
 def test_fast_demo_learns_end_to_end(tmp_path):
     """The whole pipeline on the small budget: corpus → stand-ins → deepspeed stage 1 → vora-merge →
@@ -231,6 +271,14 @@ def test_fast_demo_learns_end_to_end(tmp_path):
     assert acc["colour"] >= 0.60, acc
     assert acc["all"] > 0.40, acc
     assert "held-out accuracy" in proc.stdout and "loss curve:" in proc.stdout
+    # the console holds the demo's own account: library warnings and progress bars went to the logs
+    console = proc.stdout + proc.stderr
+    for noise in ("[WARNING]", "Setting accelerator", "Writing model shards", "it/s]"):
+        assert noise not in console, f"{noise!r} on the console:\n{console[-3000:]}"
+    assert "Setting accelerator" in (out / "logs" / "demo.log").read_text()
+    assert proc.stdout.strip().splitlines()[-1].startswith("demo: PASS — default configuration (seed 0): colour ")
+    for stage in ("corpus", "stand-in LLM", "stand-in teacher", "stage 1 (vora)", "merge", "evaluation"):
+        assert f"{stage} " in proc.stdout.split("time (seed 0):")[1], stage
     assert Path(result["loss_curve"]).is_file()
     merged = Path(result["merged"])
     cfg = json.loads((merged / "config.json").read_text())
