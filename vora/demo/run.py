@@ -532,11 +532,12 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     quiet_console(out / "logs" / "demo.log")
     t0 = time.time()
+    user_cache = os.environ.get("VORA_DATA_CACHE")
     results = []
     try:
         for seed in args.seed:
             seed_out = out / f"seed-{seed}" if len(args.seed) > 1 else out
-            os.environ["VORA_DATA_CACHE"] = str(seed_out / "cache")
+            os.environ["VORA_DATA_CACHE"] = user_cache or str(seed_out / "cache")
             if len(args.seed) > 1:
                 say(f"\n{'=' * 30} seed {seed} {'=' * 30}")
             results += run_seed(args, preset, steps, seed, seed_out)[0]
