@@ -36,7 +36,7 @@ RECIPE = REPO / "configs" / "demo_stage1.yaml"
 # Two budgets. "full" is the README's first command (≤ 10 minutes on 2 CPU cores, measured ~6);
 # "fast" is what tests/test_demo.py runs (~2–3 minutes).
 PRESETS = {
-    "full": dict(n_train=6000, n_heldout=300, llm_steps=250, teacher_steps=500, stage1_steps=1000, save_steps=100,
+    "full": dict(n_train=6000, n_heldout=300, llm_steps=250, teacher_steps=800, stage1_steps=1200, save_steps=100,
                  curve_questions=160, bars={"colour": 0.90, "shape": 0.90}),
     "fast": dict(n_train=1500, n_heldout=80, llm_steps=150, teacher_steps=200, stage1_steps=200, save_steps=50,
                  curve_questions=96, bars={"colour": 0.60}),
