@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "configs" / "demo_stage1.yaml"
 
-# Two budgets. "full" is the README's first command (≤ 10 minutes on 2 CPU cores, measured ~6);
+# Two budgets. "full" is the README's first command (≤ 10 minutes on 2 idle CPU cores: ~7.5 at 1 000 steps);
 # "fast" is what tests/test_demo.py runs (~2–3 minutes).
 PRESETS = {
     "full": dict(n_train=6000, n_heldout=300, llm_steps=250, teacher_steps=800, stage1_steps=1200, save_steps=100,
