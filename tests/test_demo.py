@@ -193,6 +193,17 @@ def test_stand_in_is_rebuilt_when_its_corpus_changes(tmp_path):
     assert not any("reusing" in m for m in logs), logs
 
 
+def test_a_stand_in_llm_that_cannot_answer_from_text_is_reported(tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus"
+    C.generate(str(corpus), n_train=8, n_heldout=2, seed=1, log=lambda m: None)
+    # what seed 1 measured: every kind learned from text except shape
+    monkeypatch.setattr(P, "llm_text_accuracy", lambda *a, **k: {"colour": 1.0, "shape": 0.18, "count": 1.0, "size": 1.0})
+    logs = []
+    P.pretrain_llm(str(tmp_path / "llm"), str(corpus), layers=1, hidden=32, steps=1, batch_size=2, log=logs.append)
+    warning = [m for m in logs if "warning" in m]
+    assert len(warning) == 1 and "shape 18%" in warning[0] and "colour" not in warning[0], logs
+
+
 def test_flags_map_to_recipe_overrides_that_validate():
     args = R.parse_args(["--no-distill", "--attention", "causal", "--lora-layers", "2"])
     v = R.variant_from_args(args)
