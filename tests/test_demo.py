@@ -1,6 +1,7 @@
 """The embedded demo (scripts/demo.sh → python -m vora.demo): corpus, stand-ins, flags, and the --fast path end
 to end (deepspeed launcher → vora-merge → Auto classes → generate) learning above its bar."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -66,13 +67,98 @@ def test_images_vary_in_size_and_aspect_ratio(small_corpus):
     assert {r["count"] for r in labels} == {1, 2, 3} and {r["size"] for r in labels} == set(C.SIZES)
 
 
-def test_corpus_is_reused_and_deterministic(small_corpus, tmp_path):
+def _file_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_corpus_is_reused_and_byte_identical_for_a_seed(small_corpus, tmp_path):
     logs = []
     C.generate(str(small_corpus), n_train=60, n_heldout=12, text_fraction=0.1, seed=3, log=logs.append)
     assert logs and "reusing" in logs[0]
+    # Built again from nothing: every file, images included (pixels, noise and PNG bytes), is the same.
     other = tmp_path / "again"
     C.generate(str(other), n_train=60, n_heldout=12, text_fraction=0.1, seed=3, log=lambda m: None)
-    assert (other / "train.jsonl").read_text() == (small_corpus / "train.jsonl").read_text()
+    first, second = _file_hashes(small_corpus), _file_hashes(other)
+    assert len(first) == 60 + 12 + 5
+    differ = sorted(k for k in first if first[k] != second.get(k))
+    assert first.keys() == second.keys() and not differ, f"{len(differ)} files differ, e.g. {differ[:5]}"
+    # ... and another seed gives another corpus
+    C.generate(str(tmp_path / "seed4"), n_train=60, n_heldout=12, text_fraction=0.1, seed=4, log=lambda m: None)
+    third = _file_hashes(tmp_path / "seed4")
+    assert third["train.jsonl"] != first["train.jsonl"]
+    assert third["images/train_000000.png"] != first["images/train_000000.png"]
+
+
+# The questions a reader expects, written out here (not derived from corpus.QUESTIONS): about one shape …
+ONE_SHAPE = {
+    "colour": {"What colour is it?", "What is its colour?", "Which colour do you see?"},
+    "shape": {"What shape is it?", "Which shape is shown?", "What kind of shape is this?"},
+    "count": {"How many are there?", "How many objects do you see?", "Count the objects."},
+    "size": {"Is it small or large?", "How big is it?"},
+}
+# … and about two or three (size is not asked then: the shapes share one)
+SEVERAL_SHAPES = {
+    "colour": {"What colour are they?", "What is their colour?", "Which colour do you see?"},
+    "shape": {"What shape are they?", "Which shape is shown?", "What kind of shape are these?"},
+    "count": {"How many are there?", "How many objects do you see?", "Count the objects."},
+}
+# ("How many are there?" is neutral: whoever asks does not know the number)
+SINGULAR_WORDS = {"it", "its", "this"}
+PLURAL_WORDS = {"they", "their", "these"}
+
+
+def _words(text: str) -> set[str]:
+    return set(text.replace("?", " ").replace(".", " ").split())
+
+
+def _check_caption(caption: str, label: dict) -> None:
+    words = caption.split()
+    if label["count"] == 1:
+        assert words[:4] == ["a", label["size"], label["colour"], label["shape"]], caption
+    else:
+        assert words[:4] == [C.COUNT_WORDS[label["count"]], label["size"], label["colour"], label["shape"] + "s"], caption
+    assert words[-1] == ".", caption
+
+
+def test_questions_and_answers_agree_with_the_number_of_shapes(tmp_path):
+    out = tmp_path / "corpus"
+    C.generate(str(out), n_train=300, n_heldout=40, text_fraction=0.1, seed=5, log=lambda m: None)
+    labels = {r["image"]: r for r in _rows(out / "images.jsonl")}
+    answers = {"colour": lambda lab: lab["colour"], "shape": lambda lab: lab["shape"],
+               "count": lambda lab: C.COUNT_WORDS[lab["count"]], "size": lambda lab: lab["size"]}
+    seen = {1: set(), 2: set()}
+    rows = [r for r in _rows(out / "train.jsonl") if "image" in r] + _rows(out / "heldout.jsonl")
+    for r in rows:
+        label = labels[r["image"]]
+        expected = ONE_SHAPE if label["count"] == 1 else SEVERAL_SHAPES
+        conv = r["conversations"]
+        for human, gpt in zip(conv[0::2], conv[1::2]):
+            q, a = human["value"].replace("<image>\n", ""), gpt["value"]
+            assert "theys" not in q
+            if q in C.CAPTION_PROMPTS:
+                _check_caption(a, label)
+                continue
+            kind = [k for k, qs in expected.items() if q in qs]
+            assert kind, f"unexpected question {q!r} about {label['count']} shape(s)"
+            assert a == answers[kind[0]](label), (q, a, label)
+            wrong = PLURAL_WORDS if label["count"] == 1 else SINGULAR_WORDS
+            assert not _words(q) & wrong, f"{q!r} asked about {label['count']} shape(s)"
+            seen[min(label["count"], 2)].add(q)
+    # every wording is used
+    assert seen[1] == set().union(*ONE_SHAPE.values())
+    assert seen[2] == set().union(*SEVERAL_SHAPES.values())
+    # text-only rows: the scene in words (a caption that agrees with itself), then a question about it
+    for r in _rows(out / "train.jsonl"):
+        if "image" in r:
+            continue
+        q, a = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        assert "theys" not in q
+        if q.startswith("Repeat the description : "):
+            assert q.split(" : ", 1)[1] == a
+            continue
+        caption, question = q.split("\n")
+        several = caption.split()[0] != "a"
+        assert question in set().union(*(SEVERAL_SHAPES if several else ONE_SHAPE).values()), q
 
 
 def test_tokenizer_is_word_level_with_chat_template(small_corpus, tmp_path):
@@ -91,6 +177,31 @@ def test_tokenizer_is_word_level_with_chat_template(small_corpus, tmp_path):
             assert tok.unk_token_id not in tok(t["value"], add_special_tokens=False)["input_ids"], t["value"]
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_stand_in_is_rebuilt_when_its_corpus_changes(tmp_path):
+    corpus, llm = tmp_path / "corpus", tmp_path / "llm"
+    C.generate(str(corpus), n_train=8, n_heldout=2, seed=1, log=lambda m: None)
+    logs = []
+    P.pretrain_llm(str(llm), str(corpus), layers=1, hidden=32, steps=1, batch_size=2, log=logs.append)
+    P.pretrain_llm(str(llm), str(corpus), layers=1, hidden=32, steps=1, batch_size=2, log=logs.append)
+    assert "reusing" in logs[-1]
+    # the same directory now holds another corpus (another seed): the LLM it learned the captions of is stale
+    C.generate(str(corpus), n_train=8, n_heldout=2, seed=2, log=lambda m: None)
+    logs.clear()
+    P.pretrain_llm(str(llm), str(corpus), layers=1, hidden=32, steps=1, batch_size=2, log=logs.append)
+    assert not any("reusing" in m for m in logs), logs
+
+
+def test_a_stand_in_llm_that_cannot_answer_from_text_is_reported(tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus"
+    C.generate(str(corpus), n_train=8, n_heldout=2, seed=1, log=lambda m: None)
+    # what seed 1 measured: every kind learned from text except shape
+    monkeypatch.setattr(P, "llm_text_accuracy", lambda *a, **k: {"colour": 1.0, "shape": 0.18, "count": 1.0, "size": 1.0})
+    logs = []
+    P.pretrain_llm(str(tmp_path / "llm"), str(corpus), layers=1, hidden=32, steps=1, batch_size=2, log=logs.append)
+    warning = [m for m in logs if "warning" in m]
+    assert len(warning) == 1 and "shape 18%" in warning[0] and "colour" not in warning[0], logs
 
 
 def test_flags_map_to_recipe_overrides_that_validate():
@@ -129,6 +240,32 @@ def test_compare_table_and_steps_to_80():
     assert "VoRA (default)" in text and "> 800" in text and "—" in text
 
 
+def test_several_seeds_print_their_spread_and_one_verdict():
+    assert R.parse_args([]).seed == [0]
+    assert R.parse_args(["--seed", "0", "1", "2"]).seed == [0, 1, 2]
+    for bad in (["--seed", "1", "1"], ["--threads", "0"]):
+        with pytest.raises(SystemExit):
+            R.parse_args(bad)
+    bars = {"colour": 0.90, "shape": 0.90}
+
+    def result(seed, shape):
+        acc = {"colour": 0.99, "shape": shape, "count": 0.9, "size": 0.95, "all": 0.93}
+        return {"label": "VoRA (default)", "seed": seed, "accuracy": acc, "steps": 1000, "train_seconds": 300.0,
+                "final_losses": {"lm_loss": 0.1, "distill_loss": 0.2}, "steps_to_80": 500,
+                "failed_bars": R.check_bars(acc, bars)}
+
+    good = [result(0, 0.947), result(1, 0.931), result(2, 0.962)]
+    ok, line = R.verdict(good, bars)
+    assert ok and line == ("demo: PASS — default configuration (seeds 0 1 2, worst seed): colour 99.0 % ≥ 90 %, "
+                           "shape 93.1 % ≥ 90 %")
+    ok, line = R.verdict([result(0, 0.87)], bars)
+    assert not ok and line == "demo: FAIL — default configuration (seed 0): colour 99.0 % ≥ 90 %, shape 87.0 % < 90 %"
+    ok, _ = R.verdict(good + [result(3, 0.899)], bars)
+    assert not ok
+    text = R.print_compare(good)
+    assert "VoRA (default) seed 1" in text and text.splitlines()[-1].split()[:4] == ["spread", "(min–max)", "99–99", "93–97"]
+
+
 @pytest.mark.skipif(os.environ.get("VORA_SKIP_DEMO") == "1", reason="VORA_SKIP_DEMO=1")
 def test_fast_demo_learns_end_to_end(tmp_path):
     """The whole pipeline on the small budget: corpus → stand-ins → deepspeed stage 1 → vora-merge →
@@ -145,6 +282,14 @@ def test_fast_demo_learns_end_to_end(tmp_path):
     assert acc["colour"] >= 0.60, acc
     assert acc["all"] > 0.40, acc
     assert "held-out accuracy" in proc.stdout and "loss curve:" in proc.stdout
+    # the console holds the demo's own account: library warnings and progress bars went to the logs
+    console = proc.stdout + proc.stderr
+    for noise in ("[WARNING]", "Setting accelerator", "Writing model shards", "it/s]"):
+        assert noise not in console, f"{noise!r} on the console:\n{console[-3000:]}"
+    assert "Setting accelerator" in (out / "logs" / "demo.log").read_text()
+    assert proc.stdout.strip().splitlines()[-1].startswith("demo: PASS — default configuration (seed 0): colour ")
+    for stage in ("corpus", "stand-in LLM", "stand-in teacher", "stage 1 (vora)", "merge", "evaluation"):
+        assert f"{stage} " in proc.stdout.split("time (seed 0):")[1], stage
     assert Path(result["loss_curve"]).is_file()
     merged = Path(result["merged"])
     cfg = json.loads((merged / "config.json").read_text())

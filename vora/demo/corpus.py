@@ -14,8 +14,9 @@ Files written under ``out_dir``:
 - ``lm_text.txt``   — the training images' captions (part of the stand-in LLM's text)
 - ``meta.json``     — vocabulary lists, counts, seed
 
-Rows, attributes and drawings are a pure function of the seed; the faint sensor noise blended into half of the
-images comes from PIL's unseeded ``Image.effect_noise``, so pixels may differ by a few levels between runs.
+Everything is a pure function of the seed: rows, attributes, drawings and the faint sensor noise (numpy's
+generator, seeded from the scene's random stream). With the same Pillow and numpy the files are byte-identical
+on any machine (tests/test_demo.py hashes two builds).
 """
 
 from __future__ import annotations
@@ -51,12 +52,20 @@ SIZES = ("small", "large")
 ATTRIBUTES = ("colour", "shape", "count", "size")
 
 # Each question kind has its own keyword (colour / shape / many, count / big, small), so the kind asked is
-# easy to tell; the wording varies within a kind.
+# easy to tell; the wording varies within a kind. Each wording is a (one shape, several shapes) pair, written out
+# rather than derived, so that every question agrees with the number of shapes it is asked about. Size is only
+# asked about a single shape.
 QUESTIONS = {
-    "colour": ["What colour is it?", "What is its colour?", "Which colour do you see?"],
-    "shape": ["What shape is it?", "Which shape is shown?", "What kind of shape is this?"],
-    "count": ["How many are there?", "How many objects do you see?", "Count the objects."],
-    "size": ["Is it small or large?", "How big is it?"],
+    "colour": [("What colour is it?", "What colour are they?"),
+               ("What is its colour?", "What is their colour?"),
+               ("Which colour do you see?", "Which colour do you see?")],
+    "shape": [("What shape is it?", "What shape are they?"),
+              ("Which shape is shown?", "Which shape is shown?"),
+              ("What kind of shape is this?", "What kind of shape are these?")],
+    "count": [("How many are there?", "How many are there?"),
+              ("How many objects do you see?", "How many objects do you see?"),
+              ("Count the objects.", "Count the objects.")],
+    "size": [("Is it small or large?", None), ("How big is it?", None)],
 }
 CAPTION_PROMPTS = ["Describe the image.", "What is in the picture?", "Give a short caption."]
 
@@ -166,9 +175,11 @@ def render(scene_rng: random.Random, min_side: int = 40, max_side: int = 84) -> 
             pts = [(x * S, y * S) for x, y in _shape_points(shape, cx, cy, r)]
             draw.polygon(pts, fill=fill, outline=outline, width=ow)
     img = big.resize((w, h), Image.Resampling.LANCZOS)
-    if rng.random() < 0.5:  # sensor-like noise
-        noise = Image.effect_noise((w, h), rng.uniform(4, 14)).convert("RGB")
-        img = Image.blend(img, noise, 0.06)
+    if rng.random() < 0.5:  # sensor-like noise: grey Gaussian noise around mid-grey, seeded from the scene's stream
+        sigma = rng.uniform(4, 14)
+        noise_rng = np.random.default_rng(rng.getrandbits(64))
+        grey = np.clip(np.rint(128.0 + sigma * noise_rng.standard_normal((h, w))), 0, 255).astype(np.uint8)
+        img = Image.blend(img, Image.fromarray(grey, "L").convert("RGB"), 0.06)
     if rng.random() < 0.2:
         img = img.filter(ImageFilter.GaussianBlur(0.4))
 
@@ -193,14 +204,11 @@ def _askable(scene: Scene) -> list[str]:
     return [a for a in ATTRIBUTES if a != "size" or scene.count == 1]
 
 
-def _plural(question: str) -> str:
-    """The question about several shapes ("What colour are they?")."""
-    return question.replace("is it", "are they").replace("its", "their").replace("is this", "are these")
-
-
 def _question(rng: random.Random, attribute: str, scene: Scene) -> str:
-    q = rng.choice(QUESTIONS[attribute])
-    return _plural(q) if scene.count > 1 else q
+    one, several = rng.choice(QUESTIONS[attribute])
+    if scene.count > 1 and several is None:
+        raise ValueError(f"{attribute} is only asked about a single shape")
+    return one if scene.count == 1 else several
 
 
 def image_row(rng: random.Random, path: str, scene: Scene) -> dict:
@@ -250,9 +258,8 @@ def vocabulary_texts() -> list[str]:
              "left", "right", "top", "bottom", "centre", "a", "on", "the", "at", "in", ".",
              "Repeat", "description", ":"]
     texts = [" ".join(words)] + CAPTION_PROMPTS
-    for qs in QUESTIONS.values():
-        texts += qs
-        texts += [_plural(q) for q in qs]
+    for pairs in QUESTIONS.values():
+        texts += [q for pair in pairs for q in pair if q is not None]
     return texts
 
 
@@ -260,7 +267,7 @@ def generate(out_dir: str, n_train: int = 6000, n_heldout: int = 300, text_fract
              seed: int = 0, min_side: int = 40, max_side: int = 84, log=print) -> dict:
     """Write the corpus (idempotent for a given configuration: an existing complete corpus is reused)."""
     settings = dict(n_train=n_train, n_heldout=n_heldout, text_fraction=text_fraction, seed=seed,
-                    min_side=min_side, max_side=max_side, version=4)
+                    min_side=min_side, max_side=max_side, version=5)
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path):
         with open(meta_path) as f:
