@@ -78,7 +78,7 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -112,7 +112,7 @@ def stale_temp_dirs(final: str | os.PathLike, max_age_s: float = STALE_TMP_AGE_S
             continue
         m = TMP_OWNER.search(p.name)
         if m and m["host"] == host:
-            if int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
+            if int(m["pid"]) != os.getpid() and not pid_alive(int(m["pid"])):
                 stale.append(p)
         elif now - _newest_mtime(p) > max_age_s:
             stale.append(p)

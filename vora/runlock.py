@@ -21,6 +21,8 @@ import socket
 import sys
 import time
 
+from .checkpoint import pid_alive
+
 logger = logging.getLogger("vora.train")
 
 LOCK_FILE = ".vora-run.lock"
@@ -28,16 +30,6 @@ LOCK_FILE = ".vora-run.lock"
 
 class RunLockError(RuntimeError):
     """Another live run holds ``output_dir``."""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _describe(holder: dict) -> str:
@@ -81,7 +73,7 @@ class RunLock:
                 holder = self._read(fd)
                 who = _describe(holder)
                 pid = holder.get("pid")
-                if holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid):
+                if holder.get("host") == socket.gethostname() and isinstance(pid, int) and not pid_alive(pid):
                     # The lock outlived its taker: a process it forked holds the descriptor.
                     who += f"; PID {pid} is gone but a process it started holds the lock (see: fuser {self.path})"
                 raise RunLockError(
@@ -90,7 +82,7 @@ class RunLock:
             previous = self._read(fd)
             if previous:
                 same_host = previous.get("host") == socket.gethostname()
-                alive = isinstance(previous.get("pid"), int) and same_host and _pid_alive(previous["pid"])
+                alive = isinstance(previous.get("pid"), int) and same_host and pid_alive(previous["pid"])
                 logger.warning("%s: taking over the lock of a run that ended without releasing it: %s%s", self.path,
                                _describe(previous), "" if alive or not same_host else " (no longer running)")
             body = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
