@@ -129,6 +129,23 @@ def glob_escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 
+def swap_into_place(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Rename a complete ``tmp`` directory to ``final`` (an existing ``final`` is moved aside, then deleted).
+    ``tmp``'s files and directories are fsynced before the rename and the parent after it: after a crash or a
+    power loss ``final`` is the old or the new directory, whole."""
+    final = Path(final).absolute()
+    fsync_tree(tmp)
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.replace(final, old / "x")
+        os.replace(tmp, final)
+        fsync_dir(final.parent)  # the new directory is in place for good before the old one goes
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+
+
 @contextlib.contextmanager
 def atomic_directory(final: str | os.PathLike, overwrite: bool = False):
     """Yield a fresh temporary directory next to ``final``; on success it becomes ``final`` with one
@@ -147,18 +164,9 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{TMP_MARK}{owner}", dir=final.parent))
     try:
         yield tmp
-        fsync_tree(tmp)
-        if final.exists():
-            if not overwrite:
-                raise FileExistsError(f"{final} appeared while writing; not replacing it without overwrite")
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-            os.replace(final, old / "x")
-            os.replace(tmp, final)
-            fsync_dir(final.parent)  # the new directory is in place for good before the old one goes
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-            fsync_dir(final.parent)
+        if final.exists() and not overwrite:
+            raise FileExistsError(f"{final} appeared while writing; not replacing it without overwrite")
+        swap_into_place(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -50,8 +50,7 @@ from .checkpoint import (  # noqa: E402
     TRAINABLE_WEIGHTS,
     CheckpointError,
     check_state_dict,
-    fsync_dir,
-    fsync_tree,
+    swap_into_place,
     run_info,
     write_manifest,
     write_trainable,
@@ -115,23 +114,6 @@ def _unshare_step_counters(zero_optimizer) -> None:
             if id(step) in seen:
                 state["step"] = step.clone()
             seen.add(id(step))
-
-
-def swap_into_place(tmp: str, final: str) -> None:
-    """Rename a complete ``tmp`` directory to ``final`` (an existing ``final`` is moved aside, then deleted).
-    ``tmp``'s files and directories are fsynced before the rename and the parent after it: after a crash or a
-    power loss ``final`` is the old or the new directory, whole."""
-    fsync_tree(tmp)
-    parent = os.path.dirname(os.path.abspath(final))
-    if os.path.exists(final):
-        old = f"{final}.old-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        fsync_dir(parent)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-        fsync_dir(parent)
 
 
 def _bytes(n: float) -> str:
