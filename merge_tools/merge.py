@@ -43,12 +43,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from vora.model import CODE_DIR, CODE_FILES
+
 logger = logging.getLogger("vora.merge")
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 LM_PREFIX = "language_model."
-CODE_FILES = ("configuration_vora.py", "mask.py", "modeling_vora.py", "image_processing_vora.py", "processing_vora.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_vora.VoRAConfig",
     "AutoModelForCausalLM": "modeling_vora.VoRAForCausalLM",
@@ -308,7 +309,7 @@ def merge(
     differs from the one recorded at training time is refused unless ``force_base``.
     """
     from vora import checkpoint as ckpt
-    from vora.configuration_vora import VoRAConfig
+    from vora.model.configuration_vora import VoRAConfig
 
     log = log or logger.info
     t0 = time.time()
@@ -414,7 +415,7 @@ def merge(
     if vora_base and (vision is None or not ckpt.patch_embed_trained(run)):
         vision = None  # keep the base's patch embedding (read from its shard when written)
         with torch.device("meta"):
-            from vora.modeling_vora import VoRAPatchEmbed
+            from vora.model.modeling_vora import VoRAPatchEmbed
 
             expected = {k: tuple(v.shape) for k, v in VoRAPatchEmbed(config).state_dict().items()}
         ckpt_check(expected, {k: tuple(m["shape"]) for k, m in base_vision_meta.items()},
@@ -700,7 +701,7 @@ def load_patch_embedding(checkpoint: Path, config, required: bool = True) -> dic
     from safetensors.torch import load_file
 
     from vora import checkpoint as ckpt
-    from vora.modeling_vora import VoRAPatchEmbed
+    from vora.model.modeling_vora import VoRAPatchEmbed
 
     path = checkpoint / ckpt.TRAINABLE_WEIGHTS
     try:
@@ -737,11 +738,8 @@ def inference_config(config, dtype_name: str | None = None):
 
 def write_code_files(directory: Path) -> None:
     """Copy the model/processor code (CODE_FILES) for trust_remote_code=True."""
-    import vora
-
-    package = Path(vora.__file__).parent
     for name in CODE_FILES:
-        src = package / name
+        src = CODE_DIR / name
         text = src.read_text()
         if re.search(r"^\s*(from|import)\s+vora\b", text, flags=re.MULTILINE):
             raise MergeError(f"{src} imports the vora package absolutely; remote code must use relative imports")
@@ -750,7 +748,7 @@ def write_code_files(directory: Path) -> None:
 
 def save_inference_processor(directory: Path, processor) -> None:
     """The processor (tokenizer padding on the left, for batched generate) + preprocessor_config.json."""
-    from vora.processing_vora import CHATML_TEMPLATE
+    from vora.model.processing_vora import CHATML_TEMPLATE
 
     processor.tokenizer.padding_side = "left"
     processor.tokenizer.init_kwargs["padding_side"] = "left"
@@ -825,8 +823,8 @@ def build_processor(checkpoint: Path, base_dir: Path, config):
     config. Its '<image>' id and patch size must agree with the config."""
     from transformers import AutoTokenizer
 
-    from vora.image_processing_vora import VoRAImageProcessor
-    from vora.processing_vora import VoRAProcessor
+    from vora.model.image_processing_vora import VoRAImageProcessor
+    from vora.model.processing_vora import VoRAProcessor
 
     if has_tokenizer(checkpoint):
         processor = VoRAProcessor.from_pretrained(str(checkpoint))

@@ -25,8 +25,8 @@ sys.path.insert(0, ROOT)
 
 from vora.collator import VoRACollator  # noqa: E402
 from vora.data import VoRADataset  # noqa: E402
-from vora.image_processing_vora import VoRAImageProcessor  # noqa: E402
-from vora.processing_vora import VoRAProcessor  # noqa: E402
+from vora.model.image_processing_vora import VoRAImageProcessor  # noqa: E402
+from vora.model.processing_vora import VoRAProcessor  # noqa: E402
 
 
 def make_corpus(root: str, n: int, seed: int = 0, text_only_frac: float = 0.1) -> tuple[str, int]:

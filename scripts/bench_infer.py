@@ -39,9 +39,9 @@ def build(work: Path, args):
     from tests.helpers_data import build_tokenizer
     from vora import VoRAForCausalLM
     from vora.checkpoint import save_trainable
-    from vora.image_processing_vora import VoRAImageProcessor
+    from vora.model.image_processing_vora import VoRAImageProcessor
     from vora.lora import add_lora
-    from vora.processing_vora import VoRAProcessor
+    from vora.model.processing_vora import VoRAProcessor
 
     base = work / "base"
     tok = build_tokenizer(str(base), "chatml", with_image_token=True)

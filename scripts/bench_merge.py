@@ -57,7 +57,7 @@ def build(work: Path, layers: int, hidden: int, vocab: int, shard_size: int, ran
     from tests.helpers_data import build_tokenizer
     from vora import VoRAConfig
     from vora.lora import lora_config
-    from vora.modeling_vora import VoRAPatchEmbed
+    from vora.model.modeling_vora import VoRAPatchEmbed
 
     base = work / "base"
     base.mkdir(parents=True)

@@ -49,8 +49,8 @@ def build(work: Path, shape: str, dtype: str) -> tuple[Path, Path, int]:
     from merge_tools.merge import complete_full_model
     from tests.helpers_data import build_tokenizer
     from vora import VoRAConfig, VoRAForCausalLM
-    from vora.image_processing_vora import VoRAImageProcessor
-    from vora.processing_vora import VoRAProcessor
+    from vora.model.image_processing_vora import VoRAImageProcessor
+    from vora.model.processing_vora import VoRAProcessor
 
     merged, base = work / "vora", work / "base"
     tok = build_tokenizer(str(work / "tok"), "chatml", with_image_token=True)

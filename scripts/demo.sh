@@ -16,6 +16,6 @@ echo "install: $((SECONDS - start)) s (.venv ready)"
 # OpenMP threads that spin-wait make training several times slower when the 2 cores are shared.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 status=0
-.venv/bin/python -m vora.demo "$@" || status=$?
+.venv/bin/python -m examples.demo "$@" || status=$?
 echo "demo.sh: wall time $((SECONDS - start)) s including the install check; exit status $status"
 exit $status

@@ -71,8 +71,8 @@ def build_tokenizer(path: str, template: str | None = "chatml", with_image_token
 
 
 def build_processor(tmp_path, template="chatml", **ip_kwargs):
-    from vora.image_processing_vora import VoRAImageProcessor
-    from vora.processing_vora import VoRAProcessor
+    from vora.model.image_processing_vora import VoRAImageProcessor
+    from vora.model.processing_vora import VoRAProcessor
 
     tok = build_tokenizer(str(tmp_path / f"tok_{template}"), template)
     ip = VoRAImageProcessor(**{"min_pixels": 14 * 14, "max_pixels": 56 * 56, **ip_kwargs})

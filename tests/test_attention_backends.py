@@ -3,7 +3,7 @@
 * No kernel may drop the mask: flash_attention_* (transformers' `flash_attention_mask` ignores mask functions),
   hub kernels and paged variants are refused at recipe validation, at `from_llm` / `from_pretrained` /
   `set_attn_implementation`, in `vora-generate`, and at run time in `build_attention_masks`.
-* The flex_attention fast path: our `BlockMask` (`vora.mask.flex_block_mask`, built at tile granularity) equals
+* The flex_attention fast path: our `BlockMask` (`vora.model.mask.flex_block_mask`, built at tile granularity) equals
   the token-loop dense reference of tests/test_model.py, through the real flex kernel too.
 """
 
@@ -19,7 +19,7 @@ from tests.test_model import P, build, dense_reference_mask, make_batch, referen
 from tests.tiny import IMAGE_TOKEN_ID, save_tiny_llm
 from vora import VoRAForCausalLM
 from vora.config import ConfigError, load_recipe
-from vora.mask import build_attention_masks, image_block_ids
+from vora.model.mask import build_attention_masks, image_block_ids
 
 MASK_DROPPING = ["flash_attention_2", "flash_attention_3", "kernels-community/flash-attn2", "paged|sdpa"]
 REFUSED = "cannot express VoRA's attention mask"
@@ -170,7 +170,7 @@ def case_batch(name):
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("block_size", [1, 3, 4, 8, 128])
 def test_flex_block_mask_equals_dense_reference(name, block_size):
-    from vora.mask import flex_block_mask
+    from vora.model.mask import flex_block_mask
 
     ids, attention_mask, _, grid = case_batch(name)
     want = dense_reference_mask(ids, attention_mask, grid)
@@ -187,7 +187,7 @@ def test_flex_block_mask_through_the_flex_kernel():
     """The real flex_attention (eager) with our BlockMask equals sdpa with the dense reference mask."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    from vora.mask import flex_block_mask
+    from vora.model.mask import flex_block_mask
 
     ids, attention_mask, _, grid = case_batch("packed_rows_with_images")
     want_mask = dense_reference_mask(ids, attention_mask, grid)
@@ -203,7 +203,7 @@ def test_flex_block_mask_through_the_flex_kernel():
 
 def test_flex_block_mask_has_no_quadratic_tensor():
     """64 K tokens: a dense bool mask would be 4 GiB; the BlockMask holds (L/128)² tile indices and O(L) ids."""
-    from vora.mask import flex_block_mask
+    from vora.model.mask import flex_block_mask
 
     L = 1 << 16
     seg = torch.ones(1, L, dtype=torch.long)

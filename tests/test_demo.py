@@ -1,4 +1,4 @@
-"""The embedded demo (scripts/demo.sh → python -m vora.demo): corpus, stand-ins, flags, and the --fast path end
+"""The embedded demo (scripts/demo.sh → python -m examples.demo): corpus, stand-ins, flags, and the --fast path end
 to end (deepspeed launcher → vora-merge → Auto classes → generate) learning above its bar."""
 
 import hashlib
@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from vora.config import load_recipe
-from vora.demo import corpus as C
-from vora.demo import pretrain as P
-from vora.demo import run as R
+from examples.demo import corpus as C
+from examples.demo import pretrain as P
+from examples.demo import run as R
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -273,7 +273,7 @@ def test_fast_demo_learns_end_to_end(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "vora.demo", "--fast", "--out", str(out)], cwd=str(REPO), env=env,
+    proc = subprocess.run([sys.executable, "-m", "examples.demo", "--fast", "--out", str(out)], cwd=str(REPO), env=env,
                           capture_output=True, text=True, timeout=900)
     wall = time.time() - t0
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -322,7 +322,7 @@ def with_context(world, tmp_path, context: int) -> Path:
 
 
 def test_max_new_tokens_capped_at_the_context_left(world, tmp_path, capsys, monkeypatch):
-    from vora.modeling_vora import VoRAForCausalLM
+    from vora.model.modeling_vora import VoRAForCausalLM
 
     img = tmp_path / "a.png"
     make_image(12, 16, seed=1).save(img)

@@ -14,9 +14,9 @@ import torch
 pytest.importorskip("lmms_eval")
 
 from tests.vora_world import build_world  # noqa: E402
-from vora.demo import corpus as demo_corpus  # noqa: E402
-from vora.demo import evaluate as demo_eval  # noqa: E402
-from vora.integrations.export_demo_task import main  # noqa: E402
+from examples.demo import corpus as demo_corpus  # noqa: E402
+from examples.demo import evaluate as demo_eval  # noqa: E402
+from examples.demo.export_lmms_task import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ def setup(tmp_path_factory):
 
 
 def demo_evaluation(merged_dir, corpus_dir):
-    """What the demo does after merging (vora/demo/run.py::evaluate_merged)."""
+    """What the demo does after merging (examples/demo/run.py::evaluate_merged)."""
     from transformers import AutoModelForCausalLM, AutoProcessor
 
     model = AutoModelForCausalLM.from_pretrained(str(merged_dir), trust_remote_code=True, dtype=torch.float32)

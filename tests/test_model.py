@@ -6,7 +6,7 @@ import torch
 from tests.tiny import IMAGE_TOKEN_ID, VOCAB, save_tiny_llm
 from tests.vora_world import make_batch as world_make_batch
 from vora import VoRAConfig, VoRAForCausalLM
-from vora.mask import image_block_ids
+from vora.model.mask import image_block_ids
 
 P = 2  # patch size
 

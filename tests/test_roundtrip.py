@@ -128,7 +128,7 @@ def assert_valid_vora_dir(d: Path) -> None:
     assert cfg["model_type"] == "vora" and cfg["architectures"] == ["VoRAForCausalLM"]
     assert set(cfg["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM", "AutoProcessor"}
     for f in merge_mod.CODE_FILES:
-        assert (d / f).read_text() == (REPO / "vora" / f).read_text(), f
+        assert (d / f).read_text() == (REPO / "vora" / "model" / f).read_text(), f
     for f in ("tokenizer.json", "processor_config.json", "preprocessor_config.json", "generation_config.json"):
         assert (d / f).is_file(), f
     proc = AutoProcessor.from_pretrained(d)

@@ -18,7 +18,7 @@ from merge_tools.merge import inference_config
 from tests.helpers_data import make_image
 from tests.vora_world import P, ROWS, build_world, make_batch
 from vora import VoRAConfig, VoRAPatchEmbed
-from vora.image_processing_vora import VoRAImageProcessor
+from vora.model.image_processing_vora import VoRAImageProcessor
 from vora.integrations import serving
 from vora.integrations.serving import AttentionLayerInfo, ImageMaskError, check_image_mask
 
@@ -226,7 +226,7 @@ def test_entry_points_and_extras_are_declared():
 def test_vora_imports_without_the_engines():
     code = (
         "import sys, vora, merge_tools.merge, vora.integrations.serving, vora.integrations.vllm_plugin, "
-        "vora.integrations.export_demo_task; "
+        "examples.demo.export_lmms_task; "
         "bad = [m for m in ('vllm', 'lmms_eval') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -51,8 +51,8 @@ def _save_merged(root: Path) -> Path:
     from transformers import AutoTokenizer
 
     from vora import VoRAForCausalLM
-    from vora.image_processing_vora import VoRAImageProcessor
-    from vora.processing_vora import VoRAProcessor
+    from vora.model.image_processing_vora import VoRAImageProcessor
+    from vora.model.processing_vora import VoRAProcessor
 
     tok = AutoTokenizer.from_pretrained(root / "llm")
     proc = VoRAProcessor(image_processor=VoRAImageProcessor(patch_size=2, min_pixels=16, max_pixels=64), tokenizer=tok)

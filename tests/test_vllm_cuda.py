@@ -56,7 +56,7 @@ def setup(tmp_path_factory):
     for k, img in enumerate(images):
         paths.append(str(root / f"img{k}.png"))
         img.save(paths[-1])
-    from vora.processing_vora import VoRAProcessor
+    from vora.model.processing_vora import VoRAProcessor
 
     proc = VoRAProcessor.from_pretrained(str(world.merged_dir))
     conv = [{"role": "user", "content": [

@@ -449,8 +449,8 @@ def load_trainable(
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
-    from .configuration_vora import VoRAConfig
-    from .modeling_vora import VoRAForCausalLM
+    from .model.configuration_vora import VoRAConfig
+    from .model.modeling_vora import VoRAForCausalLM
 
     directory = Path(directory)
     run = run_info(directory)

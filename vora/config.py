@@ -570,12 +570,12 @@ def load_recipe(path: str | None, overrides: list[str] | list[tuple[str, Any]] |
     if data.pad_to_multiple_of is not None and data.pad_to_multiple_of < 1:
         raise ctx.error("data.pad_to_multiple_of", f"expected >= 1, got {data.pad_to_multiple_of}")
     if data.pad_to_multiple_of is None and model.attn_implementation == "flex_attention":
-        from .mask import FLEX_BLOCK_SIZE
+        from .model.mask import FLEX_BLOCK_SIZE
 
         data.pad_to_multiple_of = FLEX_BLOCK_SIZE  # a whole number of flex tiles: one compiled shape per bucket
     needs_mask = (model.attention_mode or "bidirectional") == "bidirectional" or data.packing
     if model.attn_implementation is not None and needs_mask:  # images bidirectional, or samples kept apart
-        from .mask import attn_implementation_problem
+        from .model.mask import attn_implementation_problem
 
         problem = attn_implementation_problem(model.attn_implementation)
         if problem:

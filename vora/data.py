@@ -45,7 +45,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from PIL import Image
 
-from .processing_vora import VoRAProcessor, VoRASampleError, normalize_messages
+from .model.processing_vora import VoRAProcessor, VoRASampleError, normalize_messages
 
 logger = logging.getLogger(__name__)
 

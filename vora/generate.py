@@ -163,7 +163,7 @@ def generate(args) -> int:
     from transformers import AutoConfig, AutoProcessor, TextStreamer
 
     import vora  # noqa: F401  (registers the Auto classes: no remote code needed)
-    from vora.modeling_vora import check_attention_for
+    from vora.model.modeling_vora import check_attention_for
 
     model_dir = resolve_model(args.model)
     try:  # before loading: a kernel that drops the image mask would answer about causally-read images

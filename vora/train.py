@@ -308,8 +308,8 @@ def _check_vocab(processor, vocab_size: int, source: str) -> None:
 def build_processor(recipe: Recipe, geometry: dict):
     from transformers import AutoTokenizer
 
-    from .image_processing_vora import VoRAImageProcessor
-    from .processing_vora import VoRAProcessor
+    from .model.image_processing_vora import VoRAImageProcessor
+    from .model.processing_vora import VoRAProcessor
 
     m = recipe.model
     ip_kw = {k: v for k, v in (("patch_size", geometry["patch_size"]), ("min_pixels", m.min_pixels),
@@ -328,7 +328,7 @@ def build_model(recipe: Recipe, args) -> Built:
     from .checkpoint import base_fingerprint
     from .distill import Teacher, VoRAForTraining
     from .lora import add_lora
-    from .modeling_vora import VoRAForCausalLM
+    from .model.modeling_vora import VoRAForCausalLM
 
     m = recipe.model
     dtype = _torch_dtype(m.dtype, recipe, args)

@@ -6,5 +6,4 @@ by ``import vora``, and only the modules named after an engine import it.
 - :mod:`vora.integrations.vllm_plugin` — the ``vllm.general_plugins`` entry point (``pip install "vora[serve]"``).
 - :mod:`vora.integrations.vllm_model` — the vLLM model class and multimodal processor (imports vLLM).
 - :mod:`vora.integrations.lmms_eval_model` — the ``vora`` model for lmms-eval (``pip install "vora[eval]"``).
-- :mod:`vora.integrations.export_demo_task` — the demo's held-out split as a local lmms-eval task (parquet + YAML).
 """

@@ -71,7 +71,7 @@ def text_architectures(text_config) -> list[str]:
 def image_processor_for(config, preprocessor_config: dict | None = None):
     """The checkpoint's image processor: ``preprocessor_config.json`` as vora-merge writes it, else the sizes in
     config.json. The engine's token counts and pixels come from this object, so they are VoRAImageProcessor's."""
-    from ..image_processing_vora import VoRAImageProcessor
+    from ..model.image_processing_vora import VoRAImageProcessor
 
     if preprocessor_config:
         drop = ("auto_map", "image_processor_type", "processor_class")

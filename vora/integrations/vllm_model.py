@@ -41,8 +41,8 @@ from vllm.multimodal.processing import (
 )
 from vllm.sequence import IntermediateTensors
 
-from ..modeling_vora import VoRAPatchEmbed
-from ..processing_vora import IMAGE_TOKEN
+from ..model.modeling_vora import VoRAPatchEmbed
+from ..model.processing_vora import IMAGE_TOKEN
 from . import serving
 
 

@@ -2,7 +2,7 @@
 training entry point (the ``deepspeed`` launcher and ``configs/demo_stage1.yaml``) → ``vora-merge`` →
 the merged model loaded with transformers' Auto classes answers held-out questions with ``generate``.
 
-    python -m vora.demo [--out demo_out] [--fast] [--no-distill] [--attention causal] [--lora-layers K]
+    python -m examples.demo [--out demo_out] [--fast] [--no-distill] [--attention causal] [--lora-layers K]
                         [--compare] [--steps N] [--seed S [S ...]] [--threads N]
 
 Several seeds run one after another, each in its own ``seed-S/`` below ``--out``, and the spread across them is
@@ -263,7 +263,7 @@ def learning_curve(run_dir: Path, corpus_dir: Path, n_questions: int, clock: Clo
     import torch
 
     from ..checkpoint import load_trainable
-    from ..processing_vora import VoRAProcessor
+    from vora.model.processing_vora import VoRAProcessor
     from . import evaluate as E
 
     t = time.time()

@@ -1,13 +1,13 @@
-"""The demo's held-out split as a local lmms-eval task (vora.integrations.export_demo_task): the parquet holds the
+"""The demo's held-out split as a local lmms-eval task (examples.demo.export_lmms_task): the parquet holds the
 demo's questions, answers and image bytes in the demo's order; outputs appear whole; bad input is refused with a
 clear message. Runs without lmms-eval (it only needs datasets); the lmms-eval run is tests/test_lmms_eval.py."""
 
 import pytest
 from PIL import Image
 
-from vora.demo import corpus as demo_corpus
-from vora.demo import evaluate as demo_eval
-from vora.integrations.export_demo_task import ExportError, export_demo_task, main
+from examples.demo import corpus as demo_corpus
+from examples.demo import evaluate as demo_eval
+from examples.demo.export_lmms_task import ExportError, export_demo_task, main
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_export_writes_whole_task_and_refuses_bad_input(demo_out, tmp_path, caps
         export_demo_task(tmp_path, tmp_path / "u")
     assert not (tmp_path / "u").exists()
     assert main([str(tmp_path), str(tmp_path / "u")]) == 2
-    assert "export_demo_task: error:" in capsys.readouterr().err and not (tmp_path / "u").exists()
+    assert "export_lmms_task: error:" in capsys.readouterr().err and not (tmp_path / "u").exists()
     with pytest.raises(ExportError, match="--limit must be at least 1"):
         export_demo_task(demo_out, tmp_path / "v", limit=0)
     bad = tmp_path / "bad"

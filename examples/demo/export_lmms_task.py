@@ -1,13 +1,13 @@
 """The demo's held-out questions as a local lmms-eval task, scored exactly like the demo's own evaluation.
 
-    python -m vora.integrations.export_demo_task DEMO_OUT TASK_DIR      # DEMO_OUT or DEMO_OUT/corpus
+    python -m examples.demo.export_lmms_task DEMO_OUT TASK_DIR      # DEMO_OUT or DEMO_OUT/corpus
     lmms-eval --model vora --model_args pretrained=MERGED_DIR --tasks vora_demo --include_path TASK_DIR
 
 ``TASK_DIR`` gets ``vora_demo.parquet`` (one row per held-out question, in the demo's order; the image is the
 corpus PNG's bytes), ``vora_demo.yaml`` (``dataset_path: parquet`` + ``dataset_kwargs.data_files``, as lmms-eval
 0.7.3 loads local tasks through ``datasets.load_dataset``) and ``utils.py`` (the functions below, for the YAML's
 ``!function`` tags). The question text and the scoring (first word of the answer == the truth) are the demo's
-(:mod:`vora.demo.evaluate`), so lmms-eval's ``accuracy`` equals the demo's ``all`` on the same questions.
+(:mod:`examples.demo.evaluate`), so lmms-eval's ``accuracy`` equals the demo's ``all`` on the same questions.
 
 Needs only ``datasets`` (a vora dependency) to export; lmms-eval to run.
 """
@@ -17,15 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import inspect
 import sys
 import tempfile
 from pathlib import Path
+
+from .evaluate import first_word, load_heldout
 
 TASK = "vora_demo"
 FILES = ("{task}.parquet", "{task}.yaml", "utils.py")
 
 YAML = """\
-# Written by `python -m vora.integrations.export_demo_task`: the vora demo's held-out questions.
+# Written by `python -m examples.demo.export_lmms_task`: the vora demo's held-out questions.
 task: {task}
 dataset_path: parquet
 dataset_kwargs:
@@ -52,10 +55,6 @@ metadata:
   source: {source}
 """
 
-UTILS = """\
-# Written by `python -m vora.integrations.export_demo_task`; the functions live in the vora package.
-from vora.integrations.export_demo_task import doc_to_text, doc_to_visual, process_results  # noqa: F401
-"""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -70,9 +69,14 @@ def doc_to_text(doc: dict) -> str:
 
 
 def process_results(doc: dict, results: list[str]) -> dict:
-    from vora.demo.evaluate import first_word
-
     return {"accuracy": float(first_word(results[0]) == doc["answer"])}
+
+
+# utils.py holds these functions' source, so lmms-eval needs neither vora nor this example to import it.
+UTILS = "\n\n".join(
+    ["# Written by `python -m examples.demo.export_lmms_task`: the task functions of the vora demo's questions."]
+    + [inspect.getsource(f) for f in (first_word, doc_to_visual, doc_to_text, process_results)]
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -95,9 +99,7 @@ def find_corpus(demo_out: str | os.PathLike) -> Path:
 
 
 def read_rows(corpus: Path) -> list[dict]:
-    """The demo's held-out rows (vora.demo.evaluate.load_heldout: same order and question text), checked."""
-    from vora.demo.evaluate import load_heldout
-
+    """The demo's held-out rows (examples.demo.evaluate.load_heldout: same order and question text), checked."""
     path = corpus / "heldout.jsonl"
     try:
         rows = load_heldout(str(corpus))
@@ -160,7 +162,7 @@ def export_demo_task(
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m vora.integrations.export_demo_task",
+        prog="python -m examples.demo.export_lmms_task",
         description="Export the vora demo's held-out questions as a local lmms-eval task (parquet + YAML).",
     )
     p.add_argument("demo_out", help="the demo's output directory (or its corpus/ directory)")
@@ -173,7 +175,7 @@ def main(argv=None) -> int:
         yaml_path = export_demo_task(args.demo_out, args.task_dir, task=args.task, limit=args.limit,
                                      overwrite=args.overwrite)
     except ExportError as e:
-        print(f"export_demo_task: error: {e}", file=sys.stderr)
+        print(f"export_lmms_task: error: {e}", file=sys.stderr)
         return 2
     n = sum(1 for _ in open(find_corpus(args.demo_out) / "heldout.jsonl"))
     n = min(n, args.limit) if args.limit is not None else n

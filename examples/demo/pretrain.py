@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..processing_vora import CHATML_TEMPLATE
+from vora.model.processing_vora import CHATML_TEMPLATE
 from . import corpus as C
 
 # What the stand-in LLM must answer from text (a scene described in words) for VoRA to have something to build on
