@@ -262,7 +262,7 @@ def learning_curve(run_dir: Path, corpus_dir: Path, n_questions: int, clock: Clo
     on a fixed subset of the held-out questions."""
     import torch
 
-    from ..checkpoint import load_trainable
+    from vora.checkpoint import load_trainable
     from vora.model.processing_vora import VoRAProcessor
     from . import evaluate as E
 
