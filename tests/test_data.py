@@ -16,10 +16,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from tests.helpers_data import build_tokenizer, make_image, save_image, write_jsonl
-from vora.collator import IGNORE_INDEX, VoRACollator, block_causal_mask
+from vora.collator import IGNORE_INDEX, VoRACollator
+from vora.config import SourceSpec
+from vora.conversation import SampleError, encode_conversation
 from vora.data import VoRADataset
 from vora.model.image_processing_vora import CLIP_MEAN, CLIP_STD, VoRAImageProcessor, smart_resize
-from vora.model.processing_vora import VoRAProcessor, VoRASampleError
+from vora.model.processing_vora import VoRAProcessor
 
 P = 14
 EOT = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", None: "<|im_end|>"}
@@ -100,9 +102,9 @@ def test_patch_order_matches_conv_and_unfold():
     conv = torch.nn.Conv2d(3, 8, P, P, bias=False)
     ref_conv = conv(x[None])[0].flatten(1).T
     torch.testing.assert_close(pv @ conv.weight.reshape(8, -1).T, ref_conv, rtol=1e-4, atol=1e-4)
-    # Unpatchify inverts the layout.
-    (back,) = ip.unpatchify(pv, grid)
-    torch.testing.assert_close(back, x, rtol=0, atol=1e-6)
+    # Every patch, built by a loop over the grid.
+    loop = torch.stack([x[:, r * P : (r + 1) * P, c * P : (c + 1) * P].reshape(-1) for r in range(5) for c in range(7)])
+    torch.testing.assert_close(pv, loop, rtol=0, atol=1e-6)
 
 
 def test_input_types_agree_and_resize():
@@ -188,7 +190,7 @@ def test_apply_chat_template_images_reach_image_processor(proc):
 
 
 def _label_check(proc, msgs, images, eot):
-    enc = proc.encode_conversation(msgs, images)
+    enc = encode_conversation(proc, msgs, images)
     ids, lab = enc["input_ids"], enc["labels"]
     assert ids.shape == lab.shape
     labelled = lab != IGNORE_INDEX
@@ -233,7 +235,7 @@ def test_template_fallback_and_errors(proc):
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% else %}<|endoftext|>{% endif %}"
     )
-    enc = proc.encode_conversation(msgs, chat_template=footer)
+    enc = encode_conversation(proc, msgs, chat_template=footer)
     lab = enc["labels"]
     assert proc.tokenizer.decode(lab[lab != IGNORE_INDEX]) == "Hi.<|im_end|>I am fine.<|im_end|>"
     # A template that raises (roles must alternate) → template_error, not a crash.
@@ -241,31 +243,32 @@ def test_template_fallback_and_errors(proc):
         "{% for m in messages %}{% if loop.index0 % 2 == 0 and m['role'] != 'user' %}"
         "{{ raise_exception('roles must alternate') }}{% endif %}{{ m['content'] }}{% endfor %}"
     )
-    with pytest.raises(VoRASampleError) as e:
-        proc.encode_conversation([msgs[0], msgs[0], msgs[1]], chat_template=strict)
+    with pytest.raises(SampleError) as e:
+        encode_conversation(proc, [msgs[0], msgs[0], msgs[1]], chat_template=strict)
     assert e.value.reason == "template_error" and "alternate" in str(e.value)
 
 
 def test_image_placement(proc):
     img = make_image(28, 28)
     # No placeholder: images go before the first user turn's text.
-    enc = proc.encode_conversation(
-        [{"role": "user", "content": "Describe."}, {"role": "assistant", "content": "A dog."}], [img]
+    enc = encode_conversation(
+        proc, [{"role": "user", "content": "Describe."}, {"role": "assistant", "content": "A dog."}], [img]
     )
     text = proc.tokenizer.decode(enc["input_ids"])
     assert "<|im_start|>user\n<image><image><image><image>\nDescribe." in text
     # A placeholder in a later turn stays there.
-    enc = proc.encode_conversation(
+    enc = encode_conversation(
+        proc,
         [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
          {"role": "user", "content": "Look: <image>"}, {"role": "assistant", "content": "A dog."}], [img]
     )
     text = proc.tokenizer.decode(enc["input_ids"])
     assert "user\nHi<|im_end|>" in text and "Look: <image><image><image><image><|im_end|>" in text
-    with pytest.raises(VoRASampleError) as e:
-        proc.encode_conversation([{"role": "user", "content": "<image> <image>"}, {"role": "assistant", "content": "x"}], [img])
+    with pytest.raises(SampleError) as e:
+        encode_conversation(proc, [{"role": "user", "content": "<image> <image>"}, {"role": "assistant", "content": "x"}], [img])
     assert e.value.reason == "placeholder_mismatch"
-    with pytest.raises(VoRASampleError) as e:
-        proc.encode_conversation([{"role": "user", "content": "hi"}], [])
+    with pytest.raises(SampleError) as e:
+        encode_conversation(proc, [{"role": "user", "content": "hi"}], [])
     assert e.value.reason == "no_assistant_turn"
 
 
@@ -275,25 +278,25 @@ def test_truncation(proc):
             {"role": "assistant", "content": "A cat sitting on a red mat."},
             {"role": "user", "content": "Describe the picture in detail."},
             {"role": "assistant", "content": "There are two dogs playing in the park. " * 3}]
-    full = proc.encode_conversation(msgs, [img])
+    full = encode_conversation(proc, msgs, [img])
     n = len(full["input_ids"])
     # Cut after the first assistant turn (turn boundary).
-    first = proc.encode_conversation(msgs[:2], [img])
-    cut = proc.encode_conversation(msgs, [img], max_length=n - 1)
+    first = encode_conversation(proc, msgs[:2], [img])
+    cut = encode_conversation(proc, msgs, [img], max_length=n - 1)
     assert cut["counts"]["truncated"] == 1 and torch.equal(cut["input_ids"], first["input_ids"])
     assert torch.equal(cut["labels"], first["labels"])
-    assert proc.encode_conversation(msgs, [img], max_length=n)["counts"]["truncated"] == 0
+    assert encode_conversation(proc, msgs, [img], max_length=n)["counts"]["truncated"] == 0
     # Images alone exceed max_length.
-    with pytest.raises(VoRASampleError) as e:
-        proc.encode_conversation(msgs, [img], max_length=15)
+    with pytest.raises(SampleError) as e:
+        encode_conversation(proc, msgs, [img], max_length=15)
     assert e.value.reason == "images_exceed_max_length"
     # First turn does not fit: hard cut, never inside the image run.
     img_start = int((full["input_ids"] == proc.image_token_id).nonzero()[0])
-    with pytest.raises(VoRASampleError) as e:
-        proc.encode_conversation(msgs, [img], max_length=img_start + 5)  # cut moves before the image → no labels
+    with pytest.raises(SampleError) as e:
+        encode_conversation(proc, msgs, [img], max_length=img_start + 5)  # cut moves before the image → no labels
     assert e.value.reason == "no_labels_after_truncation"
     L = len(first["input_ids"]) - 3
-    hard = proc.encode_conversation(msgs, [img], max_length=L)
+    hard = encode_conversation(proc, msgs, [img], max_length=L)
     assert len(hard["input_ids"]) == L and (hard["labels"] != IGNORE_INDEX).any()
     assert (hard["input_ids"] == proc.image_token_id).sum() == 16
 
@@ -369,7 +372,7 @@ def _conv_rows(tmp_path):
 
 
 def _expected(proc, rec_msgs, images, max_length=None):
-    return proc.encode_conversation(rec_msgs, [Image.open(p) for p in images], max_length=max_length)
+    return encode_conversation(proc, rec_msgs, [Image.open(p) for p in images], max_length=max_length)
 
 
 def _assert_same(sample, enc):
@@ -437,9 +440,9 @@ def test_parquet_arrow_and_save_to_disk(proc, tmp_path, cache_dir):
     }
     pq = tmp_path / "d.parquet"
     datasets.Dataset.from_dict(table).to_parquet(str(pq))
-    exp_img = proc.encode_conversation([{"role": "user", "content": "<image>\nWhat is in the image?"},
+    exp_img = encode_conversation(proc, [{"role": "user", "content": "<image>\nWhat is in the image?"},
                                         {"role": "assistant", "content": "A cat."}], [Image.open(io.BytesIO(img_bytes))])
-    exp_txt = proc.encode_conversation([{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi."}])
+    exp_txt = encode_conversation(proc, [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi."}])
 
     ds = VoRADataset([{"path": str(pq), "image_column": "jpg"}], proc, cache_dir=cache_dir)
     _assert_same(ds[0], exp_img)
@@ -584,7 +587,7 @@ def _samples(proc, n=5, seed=0):
         for _ in range(int(rng.integers(1, 3))):
             turns.append({"role": "user", "content": " ".join(rng.choice(words, int(rng.integers(2, 8))))})
             turns.append({"role": "assistant", "content": " ".join(rng.choice(words, int(rng.integers(1, 10))))})
-        out.append(proc.encode_conversation(turns))
+        out.append(encode_conversation(proc, turns))
     return out
 
 
@@ -607,9 +610,9 @@ def test_collator_padding(proc):
 def test_packing_layout_and_image_order(proc):
     imgs = [make_image(28, 28, 1), make_image(28, 56, 2), make_image(56, 28, 3)]
     convs = [
-        proc.encode_conversation([{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "one"}], [imgs[0]]),
-        proc.encode_conversation([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "two"}]),
-        proc.encode_conversation([{"role": "user", "content": "<image><image>"}, {"role": "assistant", "content": "three"}], imgs[1:]),
+        encode_conversation(proc, [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "one"}], [imgs[0]]),
+        encode_conversation(proc, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "two"}]),
+        encode_conversation(proc, [{"role": "user", "content": "<image><image>"}, {"role": "assistant", "content": "three"}], imgs[1:]),
     ]
     lens = [len(c["input_ids"]) for c in convs]
     cap = lens[0] + lens[1] + 1
@@ -638,8 +641,20 @@ def test_packing_layout_and_image_order(proc):
     assert flat_runs == (exp_grid[:, 0] * exp_grid[:, 1]).sum()
 
 
-# Forward functions for the packing-equivalence test. Text-only LLM for now; the VoRA model can be plugged in
-# with `lambda model, batch: model(**batch).logits` once it consumes the batch contract.
+def block_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Dense ``[B, 1, L, L]`` bool mask from segment ids, built by a loop: causal within each segment, nothing across
+    segments or to/from padding (a padding query attends to itself only, to keep softmax finite)."""
+    B, L = attention_mask.shape
+    mask = torch.zeros(B, 1, L, L, dtype=torch.bool)
+    for b in range(B):
+        for q in range(L):
+            mask[b, 0, q, q] = True
+            for k in range(q):
+                mask[b, 0, q, k] = bool(attention_mask[b, q] > 0 and attention_mask[b, k] == attention_mask[b, q])
+    return mask
+
+
+# Forward for the packing-equivalence test: a text-only LLM given the dense reference mask.
 def text_llm_forward(model, batch):
     mask = block_causal_mask(batch["attention_mask"])
     add = torch.zeros(mask.shape, dtype=torch.float32).masked_fill(~mask, torch.finfo(torch.float32).min)

@@ -9,6 +9,7 @@ from tests.helpers_data import make_image
 from tests.test_data import _proc, per_sample_loss_sums
 from vora import VoRAConfig, VoRAForCausalLM
 from vora.collator import VoRACollator
+from vora.conversation import encode_conversation
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -20,7 +21,7 @@ def test_packed_image_samples_match_unpacked(tmp_path, attn):
         n_img = i % 3  # 0, 1 or 2 images per sample
         images = [make_image(int(rng.integers(1, 4)) * 14, int(rng.integers(1, 4)) * 14, seed=10 * i + k) for k in range(n_img)]
         user = "<image>" * n_img + " what is here"
-        samples.append(proc.encode_conversation([{"role": "user", "content": user}, {"role": "assistant", "content": "a red fox"}], images))
+        samples.append(encode_conversation(proc, [{"role": "user", "content": user}, {"role": "assistant", "content": "a red fox"}], images))
     torch.manual_seed(0)
     text = Qwen2Config(vocab_size=len(proc.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
