@@ -50,6 +50,14 @@ def cache_dir(tmp_path):
     return str(tmp_path / "cache")
 
 
+def _turns(user: str, reply: str) -> list[dict]:
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+
+
+def _llava(human: str, gpt: str) -> list[dict]:
+    return [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
+
+
 # --------------------------------------------------------------------------- image processor
 @pytest.mark.parametrize("patch", [14, 16])
 def test_smart_resize_rules(patch):
@@ -265,7 +273,7 @@ def test_image_placement(proc):
     text = proc.tokenizer.decode(enc["input_ids"])
     assert "user\nHi<|im_end|>" in text and "Look: <image><image><image><image><|im_end|>" in text
     with pytest.raises(SampleError) as e:
-        encode_conversation(proc, [{"role": "user", "content": "<image> <image>"}, {"role": "assistant", "content": "x"}], [img])
+        encode_conversation(proc, _turns("<image> <image>", "x"), [img])
     assert e.value.reason == "placeholder_mismatch"
     with pytest.raises(SampleError) as e:
         encode_conversation(proc, [{"role": "user", "content": "hi"}], [])
@@ -317,6 +325,7 @@ def test_processor_save_load_round_trip(proc, tmp_path):
     import sys
 
     from transformers import AutoProcessor
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
     stdlib = set(sys.stdlib_module_names)
     for f in sorted(glob.glob("vora/model/*.py")):  # everything that ships in checkpoints
@@ -327,15 +336,29 @@ def test_processor_save_load_round_trip(proc, tmp_path):
     assert {"processing_vora.py", "image_processing_vora.py", "processor_config.json"} <= names
     cfg = json.loads((tmp_path / "processor_config.json").read_text())
     assert cfg["auto_map"]["AutoProcessor"] == "processing_vora.VoRAProcessor"
-    msgs = [{"role": "user", "content": [{"type": "image", "image": make_image(33, 71)}, {"type": "text", "text": "Hi"}]}]
+    content = [{"type": "image", "image": make_image(33, 71)}, {"type": "text", "text": "Hi"}]
+    msgs = [{"role": "user", "content": content}]
     ref = proc.apply_chat_template(msgs, tokenize=True, return_dict=True, return_tensors="pt")
-    for loaded in (VoRAProcessor.from_pretrained(tmp_path), AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)):
+    train_msgs = msgs + [{"role": "assistant", "content": "A cat."}]
+    ref_train = encode_conversation(proc, train_msgs)
+    # The class copied into the directory (with `import vora` done, AutoProcessor returns the installed one).
+    copied = get_class_from_dynamic_module("processing_vora.VoRAProcessor", tmp_path).from_pretrained(tmp_path)
+    assert type(copied).__module__.startswith("transformers_modules")
+    loaders = (VoRAProcessor.from_pretrained(tmp_path), AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True))
+    for loaded in loaders + (copied,):
         assert loaded.image_token_id == proc.image_token_id
         strip = lambda d: {k: v for k, v in d.items() if k != "auto_map"}  # noqa: E731
         assert strip(loaded.image_processor.to_dict()) == strip(proc.image_processor.to_dict())
         out = loaded.apply_chat_template(msgs, tokenize=True, return_dict=True, return_tensors="pt")
         for k in ref:
             torch.testing.assert_close(out[k], ref[k])
+        # Training labels come from vora.conversation with any loaded processor, and its errors are one class.
+        enc = encode_conversation(loaded, train_msgs)
+        for k in ("input_ids", "labels", "pixel_values", "image_grid_hw"):
+            assert torch.equal(enc[k], ref_train[k]), k
+        with pytest.raises(SampleError) as e:
+            encode_conversation(loaded, msgs)
+        assert e.value.reason == "no_assistant_turn"
     # In a fresh interpreter that never imports the vora package, AutoProcessor must run the copied files.
     code = (
         "import sys, torch\n"
@@ -440,9 +463,9 @@ def test_parquet_arrow_and_save_to_disk(proc, tmp_path, cache_dir):
     }
     pq = tmp_path / "d.parquet"
     datasets.Dataset.from_dict(table).to_parquet(str(pq))
-    exp_img = encode_conversation(proc, [{"role": "user", "content": "<image>\nWhat is in the image?"},
-                                        {"role": "assistant", "content": "A cat."}], [Image.open(io.BytesIO(img_bytes))])
-    exp_txt = encode_conversation(proc, [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi."}])
+    exp_img = encode_conversation(proc, _turns("<image>\nWhat is in the image?", "A cat."),
+                                  [Image.open(io.BytesIO(img_bytes))])
+    exp_txt = encode_conversation(proc, _turns("Hello!", "Hi."))
 
     ds = VoRADataset([{"path": str(pq), "image_column": "jpg"}], proc, cache_dir=cache_dir)
     _assert_same(ds[0], exp_img)
@@ -466,8 +489,41 @@ def test_parquet_arrow_and_save_to_disk(proc, tmp_path, cache_dir):
         _assert_same(ds[1], exp_txt)
 
 
+def test_exif_orientation_applied_in_training_and_inference(proc, tmp_path, cache_dir):
+    # A photo stored sideways with EXIF orientation 6 ("rotate 90° clockwise to display"): both paths see it upright.
+    stored = make_image(28, 56, 4)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "rot.png", exif=exif)
+    upright = stored.transpose(Image.Transpose.ROTATE_270)  # PIL rotates counter-clockwise
+    assert upright.size == (28, 56)
+    ref = proc.image_processor(upright)
+    assert ref["image_grid_hw"].tolist() == [[4, 2]]
+    path = write_jsonl(str(tmp_path / "r.jsonl"), [{"image": "rot.png", "conversations": [
+        {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "ok"}]}])
+    sample = VoRADataset([path], proc, cache_dir=cache_dir)[0]
+    assert torch.equal(sample["image_grid_hw"], ref["image_grid_hw"])
+    assert torch.equal(sample["pixel_values"], ref["pixel_values"])
+    msgs = [{"role": "user", "content": [{"type": "image", "image": str(tmp_path / "rot.png")}]}]
+    out = proc.apply_chat_template(msgs, tokenize=True, return_dict=True, return_tensors="pt")
+    assert torch.equal(out["pixel_values"], ref["pixel_values"])
+
+
+def test_source_specs_from_recipes_and_dicts(proc, tmp_path, cache_dir):
+    # One schema: the recipe's SourceSpec objects, dicts and plain paths all reach the dataset.
+    path = write_jsonl(str(tmp_path / "s.jsonl"), [GOOD] * 4)
+    for spec in (SourceSpec(path=path, weight=0.5), {"path": path, "weight": 0.5}):
+        ds = VoRADataset([spec], proc, cache_dir=cache_dir)
+        assert len(ds) == 2 and isinstance(ds.sources[0].spec, SourceSpec)
+    assert len(VoRADataset([path], proc, cache_dir=cache_dir)) == 4
+    with pytest.raises(ValueError, match=re.escape("unknown keys ['wieght']")):
+        VoRADataset([{"path": path, "wieght": 2}], proc, cache_dir=cache_dir)
+    with pytest.raises(ValueError, match="without 'path'"):
+        VoRADataset([{"weight": 2}], proc, cache_dir=cache_dir)
+
+
 def test_mixing_weights(proc, tmp_path, cache_dir):
-    rows = [{"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]} for i in range(10)]
+    rows = [{"conversations": _llava(f"q{i}", f"a{i}")} for i in range(10)]
     p1 = write_jsonl(str(tmp_path / "one.jsonl"), rows)
     p2 = write_jsonl(str(tmp_path / "two.jsonl"), rows[:4])
     ds = VoRADataset([{"path": p1, "weight": 0.5}, {"path": p2, "weight": 2.5}], proc, cache_dir=cache_dir)
@@ -495,7 +551,8 @@ def _bad_cases(tmp_path):
         ("no_assistant_turn", {"conversations": [{"from": "human", "value": "hi"}]}, "no assistant"),
         ("placeholder_mismatch", {"image": "ok.png", "conversations": h("<image> <image>")}, "2 <image> placeholders"),
         ("unknown_format", {"text": "just text"}, "neither 'conversations' nor 'messages'"),
-        ("bad_conversation", {"conversations": [{"from": "alien", "value": "x"}, {"from": "gpt", "value": "y"}]}, "alien"),
+        ("bad_conversation", {"conversations": [{"from": "alien", "value": "x"}, {"from": "gpt", "value": "y"}]},
+         "alien"),
         ("bad_image", {"image": "thin.png", "conversations": h("<image>")}, "aspect ratio"),
         ("images_exceed_max_length", {"images": ["big.png"] * 4, "conversations": h("<image>" * 4)}, "max_length=60"),
     ]
@@ -565,8 +622,8 @@ def test_json_list_errors_name_index(proc, tmp_path, cache_dir):
 
 def test_counts_reach_main_process_with_workers(proc, tmp_path, cache_dir):
     save_image(str(tmp_path / "a.png"), 30, 30, 0)
-    good_img = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "ok"}]}
-    missing = {"image": "b.png", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "ok"}]}
+    good_img = {"image": "a.png", "conversations": _llava("<image>", "ok")}
+    missing = {"image": "b.png", "conversations": _llava("<image>", "ok")}
     rows = [good_img, missing, GOOD, {"x": 1}] * 4
     path = write_jsonl(str(tmp_path / "w.jsonl"), rows)
     ds = VoRADataset([path], proc, cache_dir=cache_dir)
@@ -610,9 +667,9 @@ def test_collator_padding(proc):
 def test_packing_layout_and_image_order(proc):
     imgs = [make_image(28, 28, 1), make_image(28, 56, 2), make_image(56, 28, 3)]
     convs = [
-        encode_conversation(proc, [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "one"}], [imgs[0]]),
+        encode_conversation(proc, _turns("<image>", "one"), [imgs[0]]),
         encode_conversation(proc, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "two"}]),
-        encode_conversation(proc, [{"role": "user", "content": "<image><image>"}, {"role": "assistant", "content": "three"}], imgs[1:]),
+        encode_conversation(proc, _turns("<image><image>", "three"), imgs[1:]),
     ]
     lens = [len(c["input_ids"]) for c in convs]
     cap = lens[0] + lens[1] + 1
@@ -695,7 +752,8 @@ def test_packing_loss_equivalence(proc, arch):
         ref = []
         for i in order:
             single = VoRACollator(proc.pad_token_id)([samples[i]])
-            ref.append(per_sample_loss_sums(text_llm_forward(model, single), single["labels"], single["attention_mask"]))
+            logits = text_llm_forward(model, single)
+            ref.append(per_sample_loss_sums(logits, single["labels"], single["attention_mask"]))
         ref = torch.cat(ref)
         # Unpacked, padded batch gives the same per-sample sums too.
         padded = VoRACollator(proc.pad_token_id)([samples[i] for i in order])

@@ -80,10 +80,11 @@ def encode_conversation(
         pv_list, grids = pv_list[:keep], grids[:keep]
 
     dim = 3 * processor.image_processor.patch_size**2
+    pixel_values = (pv_list[0] if len(pv_list) == 1 else torch.cat(pv_list, 0)) if pv_list else torch.zeros(0, dim)
     return {
         "input_ids": torch.tensor(ids, dtype=torch.long),
         "labels": torch.tensor(labels, dtype=torch.long),
-        "pixel_values": (pv_list[0] if len(pv_list) == 1 else torch.cat(pv_list, 0)) if pv_list else torch.zeros(0, dim),
+        "pixel_values": pixel_values,
         "image_grid_hw": torch.tensor(grids, dtype=torch.long).reshape(-1, 2),
         "counts": {"truncated": truncated},
     }
@@ -112,7 +113,7 @@ def bind_images(
             taken += 1
         else:
             raise SampleError("placeholder_mismatch", f"{field}: more image parts than entries in {images_field!r}")
-    refs += [(im, f"{images_field}[{j}]" if len(given) > 1 else images_field) for j, im in enumerate(given) if j >= taken]
+    refs += [(given[j], f"{images_field}[{j}]" if len(given) > 1 else images_field) for j in range(taken, len(given))]
 
     if not any(m["role"] == "assistant" for m in msgs):
         raise SampleError("no_assistant_turn", f"{field}: no assistant turn")
@@ -123,7 +124,8 @@ def bind_images(
         first_user = next((i for i, m in enumerate(msgs) if m["role"] == "user"), None)
         if first_user is None:
             raise SampleError("placeholder_mismatch", f"{field}: images given but the conversation has no user turn")
-        msgs[first_user] = dict(msgs[first_user], content=(image_token + "\n") * len(refs) + msgs[first_user]["content"])
+        placeholders = (image_token + "\n") * len(refs)
+        msgs[first_user] = dict(msgs[first_user], content=placeholders + msgs[first_user]["content"])
     elif n_ph != len(refs):
         raise SampleError("placeholder_mismatch", f"{field}: {n_ph} {image_token} placeholders but {len(refs)} images")
     return msgs, refs

@@ -216,7 +216,8 @@ def _json_cache(path: str, fmt: str, cache_dir: str) -> tuple[str, dict]:
 
                 def flush():
                     if raws:
-                        writer.write_batch(pa.record_batch([pa.array(raws, pa.large_string()), pa.array(lines, pa.int64())], schema=schema))
+                        columns = [pa.array(raws, pa.large_string()), pa.array(lines, pa.int64())]
+                        writer.write_batch(pa.record_batch(columns, schema=schema))
                         raws.clear()
                         lines.clear()
 
@@ -355,8 +356,8 @@ def _no_decode(ds, col: str):
     feat = ds.features.get(col)
     if isinstance(feat, datasets.Image) and feat.decode:
         return ds.cast_column(col, datasets.Image(decode=False))
-    if isinstance(feat, (datasets.List, datasets.Sequence)) and isinstance(getattr(feat, "feature", None), datasets.Image) \
-            and feat.feature.decode:
+    inner = getattr(feat, "feature", None)
+    if isinstance(feat, (datasets.List, datasets.Sequence)) and isinstance(inner, datasets.Image) and inner.decode:
         return ds.cast_column(col, datasets.List(datasets.Image(decode=False)))
     return ds
 
@@ -388,7 +389,8 @@ def read_record(rec: dict, image_column: str | None) -> dict[str, Any]:
     elif rec.get("messages") is not None:
         field = "messages"
     else:
-        raise SampleError("unknown_format", f"record has neither 'conversations' nor 'messages' (keys: {sorted(rec)[:8]})")
+        raise SampleError("unknown_format",
+                          f"record has neither 'conversations' nor 'messages' (keys: {sorted(rec)[:8]})")
     images_field = image_column or next((k for k in IMAGE_KEYS if rec.get(k) is not None), "images")
     return {"messages": _maybe_json(rec[field], field), "field": field,
             "images": _as_list(rec.get(images_field)), "images_field": images_field}

@@ -231,7 +231,9 @@ class VoRAProcessor(ProcessorMixin):
             return tmpl
         return CHATML_TEMPLATE
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False, chat_template: str | None = None, **kw) -> str:
+    def render(
+        self, messages: list[dict], add_generation_prompt: bool = False, chat_template: str | None = None, **kw
+    ) -> str:
         """Render string-content messages with the chat template (no tokenization)."""
         return self.tokenizer.apply_chat_template(
             messages,
@@ -279,7 +281,9 @@ class VoRAProcessor(ProcessorMixin):
                 buf.append(self.image_token * (gh * gw))
                 buf.append(piece)
             expanded.append("".join(buf))
-        tok_kwargs = dict(add_special_tokens=add_special_tokens, padding=padding, return_tensors=return_tensors, **kwargs)
+        tok_kwargs = dict(
+            add_special_tokens=add_special_tokens, padding=padding, return_tensors=return_tensors, **kwargs
+        )
         if padding_side is not None:
             tok_kwargs["padding_side"] = padding_side
         enc = self.tokenizer(expanded if len(expanded) > 1 or not isinstance(text, str) else expanded[0], **tok_kwargs)
@@ -306,7 +310,10 @@ class VoRAProcessor(ProcessorMixin):
         ``{"type": "text", "text": ...}``). ``tokenize=False`` → the prompt string(s); ``tokenize=True`` → the
         processor's output for the prompt(s) and the images found in the messages (a ``BatchFeature`` when
         ``return_dict``, else ``input_ids``)."""
-        batched = isinstance(conversation, (list, tuple)) and len(conversation) > 0 and isinstance(conversation[0], (list, tuple))
+        batched = (
+            isinstance(conversation, (list, tuple)) and len(conversation) > 0
+            and isinstance(conversation[0], (list, tuple))
+        )
         convs = list(conversation) if batched else [conversation]
         prompts, all_images = [], []
         for conv in convs:
@@ -314,7 +321,9 @@ class VoRAProcessor(ProcessorMixin):
             if any(im is None for im in imgs):
                 raise ValueError("an image content part carries no image (use {'type': 'image', 'image': <PIL image>})")
             all_images.extend(open_image(im) for im in imgs)
-            prompts.append(self.render(msgs, add_generation_prompt=add_generation_prompt, chat_template=chat_template, **kwargs))
+            prompts.append(
+                self.render(msgs, add_generation_prompt=add_generation_prompt, chat_template=chat_template, **kwargs)
+            )
         if not tokenize:
             return prompts if batched else prompts[0]
         out = self(
