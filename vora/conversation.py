@@ -96,7 +96,7 @@ def bind_images(
     """Messages → (string-content messages with one ``image_token`` per image, ``[(image reference, field name)]``
     in placeholder order). Image parts without an image take ``images`` in order; the remaining ``images`` follow.
     Raises :class:`SampleError` for a conversation that cannot train (no image is opened here)."""
-    if not isinstance(messages, list) or not messages:
+    if not isinstance(messages, (list, tuple)) or not messages:
         raise SampleError("bad_conversation", f"field {field!r} is not a non-empty list")
     try:
         msgs, part_images = normalize_messages(messages, image_token)

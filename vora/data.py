@@ -1,30 +1,13 @@
-"""Training data: annotation sources → records → encoded samples (``vora.conversation.encode_conversation``).
+"""Training data: sources → records → encoded samples, with every skipped sample counted.
 
-Sources (:class:`vora.config.SourceSpec`: ``{path, image_root?, format?, weight?, image_column?}``):
-
-* ``json`` / ``jsonl`` — LLaVA records (``conversations: [{from: human|gpt|system, value}]``, images under
-  ``image`` (str or list), ``images`` (list) or ``frames`` (list), paths relative to ``image_root``) or OpenAI
-  records (``messages: [{role, content: str | [{type: "image"|"text", ...}]}]``; image parts carry a path /
-  bytes in ``image``, or nothing, in which case they take the record's ``images`` in order). Rows without
-  images are text-only samples. The record schema is detected per row.
-  The file is streamed once into a memory-mapped Arrow cache (one string column with each record's JSON
-  text, plus its line number), so no rank holds the corpus as Python objects; malformed lines are reported with
-  ``file:line`` when the cache is built (and again from the cache's side file on later runs).
-* ``parquet`` (file, glob or directory), ``arrow`` (a file written by 🤗 datasets) and ``hf`` (a
-  ``save_to_disk`` directory) — columns ``conversations`` or ``messages`` (structs or JSON strings) and an
-  image column (``image_column``, default the first of ``images``/``image``/``frames``) holding image bytes,
-  ``{"bytes", "path"}`` structs (🤗 ``Image`` feature) or paths, or a list of those.
-
-Mixing: ``weight`` is a per-epoch repeat factor of the source (1 = each row once, 3 = three times, 0.5 = every
-other row, evenly spread). The dataset is map-style over the concatenation, so a sampler shuffles it and a resume
-can skip indices without loading them.
-
-Bad samples: ``on_bad_sample="skip"`` (default) — ``__getitem__`` returns ``None`` for a sample that cannot be
-used, the collator drops it, and the reason is counted in :class:`BadSampleCounter`; ``"error"`` raises a
-``ValueError`` naming ``file:line`` (or ``file[index]`` / ``file row N``), the reason and the field or path.
-A skipped sample is never replaced by another one. The counters live in shared memory created by the main process,
-so increments made in DataLoader worker processes are visible to the main process: call
-``dataset.stats.report()`` at the end of an epoch.
+A source (:class:`vora.config.SourceSpec`) is a JSON / JSONL file of LLaVA (``conversations``) or OpenAI
+(``messages``) records, or a Parquet / Arrow / ``save_to_disk`` table with those columns and an image column.
+JSON files are streamed once into a memory-mapped Arrow cache, so no rank holds the corpus as Python objects.
+:class:`VoRADataset` mixes the sources by per-epoch repeat factors (``weight``) and hands each record to
+``vora.conversation.encode_conversation``. A sample that cannot be used is ``None`` (the collator drops it, nothing
+replaces it), counted by reason in :class:`BadSampleCounter` (shared memory: DataLoader workers' counts reach the
+main process); with ``on_bad_sample="error"`` it is a ``ValueError`` naming ``file:line``, the reason and the field
+or path. Formats and reasons in detail: README, section Data.
 """
 
 from __future__ import annotations
