@@ -16,10 +16,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from tests.helpers_data import build_tokenizer, make_image, save_image, write_jsonl
-from vora.collator import IGNORE_INDEX, VoRACollator, block_causal_mask
+from vora.collator import IGNORE_INDEX, VoRACollator
+from vora.config import SourceSpec
+from vora.conversation import SampleError, encode_conversation
 from vora.data import VoRADataset
 from vora.model.image_processing_vora import CLIP_MEAN, CLIP_STD, VoRAImageProcessor, smart_resize
-from vora.model.processing_vora import VoRAProcessor, VoRASampleError
+from vora.model.processing_vora import VoRAProcessor
 
 P = 14
 EOT = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", None: "<|im_end|>"}
@@ -46,6 +48,14 @@ def proc(tok_dir):
 @pytest.fixture
 def cache_dir(tmp_path):
     return str(tmp_path / "cache")
+
+
+def _turns(user: str, reply: str) -> list[dict]:
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+
+
+def _llava(human: str, gpt: str) -> list[dict]:
+    return [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
 
 
 # --------------------------------------------------------------------------- image processor
@@ -100,9 +110,9 @@ def test_patch_order_matches_conv_and_unfold():
     conv = torch.nn.Conv2d(3, 8, P, P, bias=False)
     ref_conv = conv(x[None])[0].flatten(1).T
     torch.testing.assert_close(pv @ conv.weight.reshape(8, -1).T, ref_conv, rtol=1e-4, atol=1e-4)
-    # Unpatchify inverts the layout.
-    (back,) = ip.unpatchify(pv, grid)
-    torch.testing.assert_close(back, x, rtol=0, atol=1e-6)
+    # Every patch, built by a loop over the grid.
+    loop = torch.stack([x[:, r * P : (r + 1) * P, c * P : (c + 1) * P].reshape(-1) for r in range(5) for c in range(7)])
+    torch.testing.assert_close(pv, loop, rtol=0, atol=1e-6)
 
 
 def test_input_types_agree_and_resize():
@@ -188,7 +198,7 @@ def test_apply_chat_template_images_reach_image_processor(proc):
 
 
 def _label_check(proc, msgs, images, eot):
-    enc = proc.encode_conversation(msgs, images)
+    enc = encode_conversation(proc, msgs, images)
     ids, lab = enc["input_ids"], enc["labels"]
     assert ids.shape == lab.shape
     labelled = lab != IGNORE_INDEX
@@ -233,7 +243,7 @@ def test_template_fallback_and_errors(proc):
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% else %}<|endoftext|>{% endif %}"
     )
-    enc = proc.encode_conversation(msgs, chat_template=footer)
+    enc = encode_conversation(proc, msgs, chat_template=footer)
     lab = enc["labels"]
     assert proc.tokenizer.decode(lab[lab != IGNORE_INDEX]) == "Hi.<|im_end|>I am fine.<|im_end|>"
     # A template that raises (roles must alternate) → template_error, not a crash.
@@ -241,31 +251,32 @@ def test_template_fallback_and_errors(proc):
         "{% for m in messages %}{% if loop.index0 % 2 == 0 and m['role'] != 'user' %}"
         "{{ raise_exception('roles must alternate') }}{% endif %}{{ m['content'] }}{% endfor %}"
     )
-    with pytest.raises(VoRASampleError) as e:
-        proc.encode_conversation([msgs[0], msgs[0], msgs[1]], chat_template=strict)
+    with pytest.raises(SampleError) as e:
+        encode_conversation(proc, [msgs[0], msgs[0], msgs[1]], chat_template=strict)
     assert e.value.reason == "template_error" and "alternate" in str(e.value)
 
 
 def test_image_placement(proc):
     img = make_image(28, 28)
     # No placeholder: images go before the first user turn's text.
-    enc = proc.encode_conversation(
-        [{"role": "user", "content": "Describe."}, {"role": "assistant", "content": "A dog."}], [img]
+    enc = encode_conversation(
+        proc, [{"role": "user", "content": "Describe."}, {"role": "assistant", "content": "A dog."}], [img]
     )
     text = proc.tokenizer.decode(enc["input_ids"])
     assert "<|im_start|>user\n<image><image><image><image>\nDescribe." in text
     # A placeholder in a later turn stays there.
-    enc = proc.encode_conversation(
+    enc = encode_conversation(
+        proc,
         [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
          {"role": "user", "content": "Look: <image>"}, {"role": "assistant", "content": "A dog."}], [img]
     )
     text = proc.tokenizer.decode(enc["input_ids"])
     assert "user\nHi<|im_end|>" in text and "Look: <image><image><image><image><|im_end|>" in text
-    with pytest.raises(VoRASampleError) as e:
-        proc.encode_conversation([{"role": "user", "content": "<image> <image>"}, {"role": "assistant", "content": "x"}], [img])
+    with pytest.raises(SampleError) as e:
+        encode_conversation(proc, _turns("<image> <image>", "x"), [img])
     assert e.value.reason == "placeholder_mismatch"
-    with pytest.raises(VoRASampleError) as e:
-        proc.encode_conversation([{"role": "user", "content": "hi"}], [])
+    with pytest.raises(SampleError) as e:
+        encode_conversation(proc, [{"role": "user", "content": "hi"}], [])
     assert e.value.reason == "no_assistant_turn"
 
 
@@ -275,25 +286,25 @@ def test_truncation(proc):
             {"role": "assistant", "content": "A cat sitting on a red mat."},
             {"role": "user", "content": "Describe the picture in detail."},
             {"role": "assistant", "content": "There are two dogs playing in the park. " * 3}]
-    full = proc.encode_conversation(msgs, [img])
+    full = encode_conversation(proc, msgs, [img])
     n = len(full["input_ids"])
     # Cut after the first assistant turn (turn boundary).
-    first = proc.encode_conversation(msgs[:2], [img])
-    cut = proc.encode_conversation(msgs, [img], max_length=n - 1)
+    first = encode_conversation(proc, msgs[:2], [img])
+    cut = encode_conversation(proc, msgs, [img], max_length=n - 1)
     assert cut["counts"]["truncated"] == 1 and torch.equal(cut["input_ids"], first["input_ids"])
     assert torch.equal(cut["labels"], first["labels"])
-    assert proc.encode_conversation(msgs, [img], max_length=n)["counts"]["truncated"] == 0
+    assert encode_conversation(proc, msgs, [img], max_length=n)["counts"]["truncated"] == 0
     # Images alone exceed max_length.
-    with pytest.raises(VoRASampleError) as e:
-        proc.encode_conversation(msgs, [img], max_length=15)
+    with pytest.raises(SampleError) as e:
+        encode_conversation(proc, msgs, [img], max_length=15)
     assert e.value.reason == "images_exceed_max_length"
     # First turn does not fit: hard cut, never inside the image run.
     img_start = int((full["input_ids"] == proc.image_token_id).nonzero()[0])
-    with pytest.raises(VoRASampleError) as e:
-        proc.encode_conversation(msgs, [img], max_length=img_start + 5)  # cut moves before the image → no labels
+    with pytest.raises(SampleError) as e:
+        encode_conversation(proc, msgs, [img], max_length=img_start + 5)  # cut moves before the image → no labels
     assert e.value.reason == "no_labels_after_truncation"
     L = len(first["input_ids"]) - 3
-    hard = proc.encode_conversation(msgs, [img], max_length=L)
+    hard = encode_conversation(proc, msgs, [img], max_length=L)
     assert len(hard["input_ids"]) == L and (hard["labels"] != IGNORE_INDEX).any()
     assert (hard["input_ids"] == proc.image_token_id).sum() == 16
 
@@ -314,6 +325,7 @@ def test_processor_save_load_round_trip(proc, tmp_path):
     import sys
 
     from transformers import AutoProcessor
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
     stdlib = set(sys.stdlib_module_names)
     for f in sorted(glob.glob("vora/model/*.py")):  # everything that ships in checkpoints
@@ -324,15 +336,29 @@ def test_processor_save_load_round_trip(proc, tmp_path):
     assert {"processing_vora.py", "image_processing_vora.py", "processor_config.json"} <= names
     cfg = json.loads((tmp_path / "processor_config.json").read_text())
     assert cfg["auto_map"]["AutoProcessor"] == "processing_vora.VoRAProcessor"
-    msgs = [{"role": "user", "content": [{"type": "image", "image": make_image(33, 71)}, {"type": "text", "text": "Hi"}]}]
+    content = [{"type": "image", "image": make_image(33, 71)}, {"type": "text", "text": "Hi"}]
+    msgs = [{"role": "user", "content": content}]
     ref = proc.apply_chat_template(msgs, tokenize=True, return_dict=True, return_tensors="pt")
-    for loaded in (VoRAProcessor.from_pretrained(tmp_path), AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)):
+    train_msgs = msgs + [{"role": "assistant", "content": "A cat."}]
+    ref_train = encode_conversation(proc, train_msgs)
+    # The class copied into the directory (with `import vora` done, AutoProcessor returns the installed one).
+    copied = get_class_from_dynamic_module("processing_vora.VoRAProcessor", tmp_path).from_pretrained(tmp_path)
+    assert type(copied).__module__.startswith("transformers_modules")
+    loaders = (VoRAProcessor.from_pretrained(tmp_path), AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True))
+    for loaded in loaders + (copied,):
         assert loaded.image_token_id == proc.image_token_id
         strip = lambda d: {k: v for k, v in d.items() if k != "auto_map"}  # noqa: E731
         assert strip(loaded.image_processor.to_dict()) == strip(proc.image_processor.to_dict())
         out = loaded.apply_chat_template(msgs, tokenize=True, return_dict=True, return_tensors="pt")
         for k in ref:
             torch.testing.assert_close(out[k], ref[k])
+        # Training labels come from vora.conversation with any loaded processor, and its errors are one class.
+        enc = encode_conversation(loaded, train_msgs)
+        for k in ("input_ids", "labels", "pixel_values", "image_grid_hw"):
+            assert torch.equal(enc[k], ref_train[k]), k
+        with pytest.raises(SampleError) as e:
+            encode_conversation(loaded, msgs)
+        assert e.value.reason == "no_assistant_turn"
     # In a fresh interpreter that never imports the vora package, AutoProcessor must run the copied files.
     code = (
         "import sys, torch\n"
@@ -369,7 +395,7 @@ def _conv_rows(tmp_path):
 
 
 def _expected(proc, rec_msgs, images, max_length=None):
-    return proc.encode_conversation(rec_msgs, [Image.open(p) for p in images], max_length=max_length)
+    return encode_conversation(proc, rec_msgs, [Image.open(p) for p in images], max_length=max_length)
 
 
 def _assert_same(sample, enc):
@@ -437,9 +463,9 @@ def test_parquet_arrow_and_save_to_disk(proc, tmp_path, cache_dir):
     }
     pq = tmp_path / "d.parquet"
     datasets.Dataset.from_dict(table).to_parquet(str(pq))
-    exp_img = proc.encode_conversation([{"role": "user", "content": "<image>\nWhat is in the image?"},
-                                        {"role": "assistant", "content": "A cat."}], [Image.open(io.BytesIO(img_bytes))])
-    exp_txt = proc.encode_conversation([{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi."}])
+    exp_img = encode_conversation(proc, _turns("<image>\nWhat is in the image?", "A cat."),
+                                  [Image.open(io.BytesIO(img_bytes))])
+    exp_txt = encode_conversation(proc, _turns("Hello!", "Hi."))
 
     ds = VoRADataset([{"path": str(pq), "image_column": "jpg"}], proc, cache_dir=cache_dir)
     _assert_same(ds[0], exp_img)
@@ -463,8 +489,41 @@ def test_parquet_arrow_and_save_to_disk(proc, tmp_path, cache_dir):
         _assert_same(ds[1], exp_txt)
 
 
+def test_exif_orientation_applied_in_training_and_inference(proc, tmp_path, cache_dir):
+    # A photo stored sideways with EXIF orientation 6 ("rotate 90° clockwise to display"): both paths see it upright.
+    stored = make_image(28, 56, 4)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "rot.png", exif=exif)
+    upright = stored.transpose(Image.Transpose.ROTATE_270)  # PIL rotates counter-clockwise
+    assert upright.size == (28, 56)
+    ref = proc.image_processor(upright)
+    assert ref["image_grid_hw"].tolist() == [[4, 2]]
+    path = write_jsonl(str(tmp_path / "r.jsonl"), [{"image": "rot.png", "conversations": [
+        {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "ok"}]}])
+    sample = VoRADataset([path], proc, cache_dir=cache_dir)[0]
+    assert torch.equal(sample["image_grid_hw"], ref["image_grid_hw"])
+    assert torch.equal(sample["pixel_values"], ref["pixel_values"])
+    msgs = [{"role": "user", "content": [{"type": "image", "image": str(tmp_path / "rot.png")}]}]
+    out = proc.apply_chat_template(msgs, tokenize=True, return_dict=True, return_tensors="pt")
+    assert torch.equal(out["pixel_values"], ref["pixel_values"])
+
+
+def test_source_specs_from_recipes_and_dicts(proc, tmp_path, cache_dir):
+    # One schema: the recipe's SourceSpec objects, dicts and plain paths all reach the dataset.
+    path = write_jsonl(str(tmp_path / "s.jsonl"), [GOOD] * 4)
+    for spec in (SourceSpec(path=path, weight=0.5), {"path": path, "weight": 0.5}):
+        ds = VoRADataset([spec], proc, cache_dir=cache_dir)
+        assert len(ds) == 2 and isinstance(ds.sources[0].spec, SourceSpec)
+    assert len(VoRADataset([path], proc, cache_dir=cache_dir)) == 4
+    with pytest.raises(ValueError, match=re.escape("unknown keys ['wieght']")):
+        VoRADataset([{"path": path, "wieght": 2}], proc, cache_dir=cache_dir)
+    with pytest.raises(ValueError, match="without 'path'"):
+        VoRADataset([{"weight": 2}], proc, cache_dir=cache_dir)
+
+
 def test_mixing_weights(proc, tmp_path, cache_dir):
-    rows = [{"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]} for i in range(10)]
+    rows = [{"conversations": _llava(f"q{i}", f"a{i}")} for i in range(10)]
     p1 = write_jsonl(str(tmp_path / "one.jsonl"), rows)
     p2 = write_jsonl(str(tmp_path / "two.jsonl"), rows[:4])
     ds = VoRADataset([{"path": p1, "weight": 0.5}, {"path": p2, "weight": 2.5}], proc, cache_dir=cache_dir)
@@ -492,7 +551,8 @@ def _bad_cases(tmp_path):
         ("no_assistant_turn", {"conversations": [{"from": "human", "value": "hi"}]}, "no assistant"),
         ("placeholder_mismatch", {"image": "ok.png", "conversations": h("<image> <image>")}, "2 <image> placeholders"),
         ("unknown_format", {"text": "just text"}, "neither 'conversations' nor 'messages'"),
-        ("bad_conversation", {"conversations": [{"from": "alien", "value": "x"}, {"from": "gpt", "value": "y"}]}, "alien"),
+        ("bad_conversation", {"conversations": [{"from": "alien", "value": "x"}, {"from": "gpt", "value": "y"}]},
+         "alien"),
         ("bad_image", {"image": "thin.png", "conversations": h("<image>")}, "aspect ratio"),
         ("images_exceed_max_length", {"images": ["big.png"] * 4, "conversations": h("<image>" * 4)}, "max_length=60"),
     ]
@@ -562,8 +622,8 @@ def test_json_list_errors_name_index(proc, tmp_path, cache_dir):
 
 def test_counts_reach_main_process_with_workers(proc, tmp_path, cache_dir):
     save_image(str(tmp_path / "a.png"), 30, 30, 0)
-    good_img = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "ok"}]}
-    missing = {"image": "b.png", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "ok"}]}
+    good_img = {"image": "a.png", "conversations": _llava("<image>", "ok")}
+    missing = {"image": "b.png", "conversations": _llava("<image>", "ok")}
     rows = [good_img, missing, GOOD, {"x": 1}] * 4
     path = write_jsonl(str(tmp_path / "w.jsonl"), rows)
     ds = VoRADataset([path], proc, cache_dir=cache_dir)
@@ -584,7 +644,7 @@ def _samples(proc, n=5, seed=0):
         for _ in range(int(rng.integers(1, 3))):
             turns.append({"role": "user", "content": " ".join(rng.choice(words, int(rng.integers(2, 8))))})
             turns.append({"role": "assistant", "content": " ".join(rng.choice(words, int(rng.integers(1, 10))))})
-        out.append(proc.encode_conversation(turns))
+        out.append(encode_conversation(proc, turns))
     return out
 
 
@@ -607,9 +667,9 @@ def test_collator_padding(proc):
 def test_packing_layout_and_image_order(proc):
     imgs = [make_image(28, 28, 1), make_image(28, 56, 2), make_image(56, 28, 3)]
     convs = [
-        proc.encode_conversation([{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "one"}], [imgs[0]]),
-        proc.encode_conversation([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "two"}]),
-        proc.encode_conversation([{"role": "user", "content": "<image><image>"}, {"role": "assistant", "content": "three"}], imgs[1:]),
+        encode_conversation(proc, _turns("<image>", "one"), [imgs[0]]),
+        encode_conversation(proc, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "two"}]),
+        encode_conversation(proc, _turns("<image><image>", "three"), imgs[1:]),
     ]
     lens = [len(c["input_ids"]) for c in convs]
     cap = lens[0] + lens[1] + 1
@@ -638,8 +698,20 @@ def test_packing_layout_and_image_order(proc):
     assert flat_runs == (exp_grid[:, 0] * exp_grid[:, 1]).sum()
 
 
-# Forward functions for the packing-equivalence test. Text-only LLM for now; the VoRA model can be plugged in
-# with `lambda model, batch: model(**batch).logits` once it consumes the batch contract.
+def block_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Dense ``[B, 1, L, L]`` bool mask from segment ids, built by a loop: causal within each segment, nothing across
+    segments or to/from padding (a padding query attends to itself only, to keep softmax finite)."""
+    B, L = attention_mask.shape
+    mask = torch.zeros(B, 1, L, L, dtype=torch.bool)
+    for b in range(B):
+        for q in range(L):
+            mask[b, 0, q, q] = True
+            for k in range(q):
+                mask[b, 0, q, k] = bool(attention_mask[b, q] > 0 and attention_mask[b, k] == attention_mask[b, q])
+    return mask
+
+
+# Forward for the packing-equivalence test: a text-only LLM given the dense reference mask.
 def text_llm_forward(model, batch):
     mask = block_causal_mask(batch["attention_mask"])
     add = torch.zeros(mask.shape, dtype=torch.float32).masked_fill(~mask, torch.finfo(torch.float32).min)
@@ -680,7 +752,8 @@ def test_packing_loss_equivalence(proc, arch):
         ref = []
         for i in order:
             single = VoRACollator(proc.pad_token_id)([samples[i]])
-            ref.append(per_sample_loss_sums(text_llm_forward(model, single), single["labels"], single["attention_mask"]))
+            logits = text_llm_forward(model, single)
+            ref.append(per_sample_loss_sums(logits, single["labels"], single["attention_mask"]))
         ref = torch.cat(ref)
         # Unpacked, padded batch gives the same per-sample sums too.
         padded = VoRACollator(proc.pad_token_id)([samples[i] for i in order])

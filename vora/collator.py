@@ -1,7 +1,7 @@
 """Samples → the batch contract of DEVELOPERS.md (padding, optional greedy packing).
 
 A sample is a dict with ``input_ids`` [L] long, ``labels`` [L] long, ``pixel_values`` [P, 3*p*p] and
-``image_grid_hw`` [N, 2] (what ``VoRAProcessor.encode_conversation`` / ``VoRADataset`` return). ``None``
+``image_grid_hw`` [N, 2] (what ``vora.conversation.encode_conversation`` / ``VoRADataset`` return). ``None``
 entries are samples the dataset skipped (already counted there, see ``vora.data``); they are dropped here.
 
 Batch:
@@ -163,17 +163,4 @@ class VoRACollator:
         return out
 
 
-def block_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Dense reference ``[B, 1, L, L]`` bool mask from segment ids: causal within each segment, nothing across
-    segments or to/from padding (a padding query attends to itself only, to keep softmax finite). For tests
-    and debugging; the model builds its own (fused-kernel friendly) masks."""
-    seg = attention_mask
-    L = seg.shape[1]
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
-    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0)
-    m = same & causal
-    m = m | torch.eye(L, dtype=torch.bool)[None]
-    return m[:, None]
-
-
-__all__ = ["VoRACollator", "block_causal_mask", "IGNORE_INDEX"]
+__all__ = ["VoRACollator", "IGNORE_INDEX"]

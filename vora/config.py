@@ -130,6 +130,8 @@ class DistillSection:
 
 @dataclass
 class SourceSpec:
+    """One data source: a ``data.sources`` entry of a recipe, and what ``VoRADataset`` reads."""
+
     path: str = _doc("file, glob or directory", default=None)
     image_root: str | None = _doc("directory image paths are relative to (default: the file's directory)", default=None)
     format: Literal["json", "jsonl", "parquet", "arrow", "hf"] | None = _doc("default: from the path", default=None)
@@ -138,6 +140,22 @@ class SourceSpec:
     name: str | None = _doc("label for logs", default=None)
 
     _required = ("path",)
+
+    @classmethod
+    def coerce(cls, spec: SourceSpec | dict | str) -> SourceSpec:
+        """A spec, a ``{path, ...}`` dict or a path → a spec (the Python API's check; recipes are checked above)."""
+        if isinstance(spec, str):
+            spec = cls(path=spec)
+        elif isinstance(spec, dict):
+            unknown = set(spec) - {f.name for f in dataclasses.fields(cls)}
+            if unknown:
+                raise ValueError(f"data source {spec.get('path')!r}: unknown keys {sorted(unknown)}")
+            spec = cls(**spec)
+        elif not isinstance(spec, cls):
+            raise TypeError(f"data source must be a dict or a path, got {type(spec).__name__}")
+        if spec.path is None:
+            raise ValueError(f"data source without 'path': {spec}")
+        return spec
 
 
 @dataclass

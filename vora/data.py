@@ -1,30 +1,13 @@
-"""Training data: annotation sources → encoded samples (see ``VoRAProcessor.encode_conversation``).
+"""Training data: sources → records → encoded samples, with every skipped sample counted.
 
-Sources (``{path, image_root?, format?, weight?, image_column?}``):
-
-* ``json`` / ``jsonl`` — LLaVA records (``conversations: [{from: human|gpt|system, value}]``, images under
-  ``image`` (str or list), ``images`` (list) or ``frames`` (list), paths relative to ``image_root``) or OpenAI
-  records (``messages: [{role, content: str | [{type: "image"|"text", ...}]}]``; image parts carry a path /
-  bytes in ``image``, or nothing, in which case they take the record's ``images`` in order). Rows without
-  images are text-only samples. The record schema is detected per row.
-  The file is streamed once into a memory-mapped Arrow cache (one string column with each record's JSON
-  text, plus its line number), so no rank holds the corpus as Python objects; malformed lines are reported with
-  ``file:line`` when the cache is built (and again from the cache's side file on later runs).
-* ``parquet`` (file, glob or directory), ``arrow`` (a file written by 🤗 datasets) and ``hf`` (a
-  ``save_to_disk`` directory) — columns ``conversations`` or ``messages`` (structs or JSON strings) and an
-  image column (``image_column``, default the first of ``images``/``image``/``frames``) holding image bytes,
-  ``{"bytes", "path"}`` structs (🤗 ``Image`` feature) or paths, or a list of those.
-
-Mixing: ``weight`` is a per-epoch repeat factor of the source (1 = each row once, 3 = three times, 0.5 = every
-other row, evenly spread). The dataset is map-style over the concatenation, so a sampler shuffles it and a resume
-can skip indices without loading them.
-
-Bad samples: ``on_bad_sample="skip"`` (default) — ``__getitem__`` returns ``None`` for a sample that cannot be
-used, the collator drops it, and the reason is counted in :class:`BadSampleCounter`; ``"error"`` raises a
-``ValueError`` naming ``file:line`` (or ``file[index]`` / ``file row N``), the reason and the field or path.
-A skipped sample is never replaced by another one. The counters live in shared memory created by the main process,
-so increments made in DataLoader worker processes are visible to the main process: call
-``dataset.stats.report()`` at the end of an epoch.
+A source (:class:`vora.config.SourceSpec`) is a JSON / JSONL file of LLaVA (``conversations``) or OpenAI
+(``messages``) records, or a Parquet / Arrow / ``save_to_disk`` table with those columns and an image column.
+JSON files are streamed once into a memory-mapped Arrow cache, so no rank holds the corpus as Python objects.
+:class:`VoRADataset` mixes the sources by per-epoch repeat factors (``weight``) and hands each record to
+``vora.conversation.encode_conversation``. A sample that cannot be used is ``None`` (the collator drops it, nothing
+replaces it), counted by reason in :class:`BadSampleCounter` (shared memory: DataLoader workers' counts reach the
+main process); with ``on_bad_sample="error"`` it is a ``ValueError`` naming ``file:line``, the reason and the field
+or path. Formats and reasons in detail: README, section Data.
 """
 
 from __future__ import annotations
@@ -33,19 +16,21 @@ import bisect
 import fcntl
 import glob
 import hashlib
-import io
 import json
 import logging
 import math
 import multiprocessing
 import os
-from dataclasses import dataclass
+from multiprocessing.context import get_spawning_popen
 from typing import Any, Iterable, Sequence
 
+import datasets
+import pyarrow as pa
 import torch
-from PIL import Image
 
-from .model.processing_vora import VoRAProcessor, VoRASampleError, normalize_messages
+from .config import SourceSpec
+from .conversation import SampleError, encode_conversation
+from .model.processing_vora import VoRAProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +75,6 @@ class BadSampleCounter:
         self._detached = False
 
     def __getstate__(self):
-        from multiprocessing.context import get_spawning_popen
-
         state = self.__dict__.copy()
         if get_spawning_popen() is None:
             # Pickled outside process start-up (e.g. deepcopy): a shared array cannot travel, the copy gets
@@ -129,10 +112,6 @@ class BadSampleCounter:
             vals = list(self._arr[:])
         return dict(zip(_SLOTS, vals))
 
-    def skipped(self) -> dict[str, int]:
-        """Non-zero skip counts by reason."""
-        return {k: v for k, v in self.counts().items() if k in SKIP_REASONS and v}
-
     def reset(self) -> None:
         with self._arr.get_lock():
             self._arr[:] = [0] * len(_SLOTS)
@@ -165,35 +144,6 @@ class DataError(ValueError):
     ``data.max_skip_fraction``). The message names the file or the per-reason skip counts."""
 
 
-class SampleError(VoRASampleError):
-    """A bad sample found while reading a record (same ``reason`` keys as the processor's)."""
-
-
-@dataclass
-class DataSource:
-    path: str
-    image_root: str | None = None
-    format: str | None = None  # json | jsonl | parquet | arrow | hf; inferred from the path when None
-    weight: float = 1.0
-    image_column: str | None = None
-    name: str | None = None
-
-    @classmethod
-    def coerce(cls, spec: "DataSource | dict | str") -> "DataSource":
-        if isinstance(spec, DataSource):
-            return spec
-        if isinstance(spec, str):
-            return cls(path=spec)
-        if isinstance(spec, dict):
-            unknown = set(spec) - set(cls.__dataclass_fields__)
-            if unknown:
-                raise ValueError(f"data source {spec.get('path')!r}: unknown keys {sorted(unknown)}")
-            if "path" not in spec:
-                raise ValueError(f"data source without 'path': {spec}")
-            return cls(**spec)
-        raise TypeError(f"data source must be a dict or a path, got {type(spec).__name__}")
-
-
 def _default_cache_dir() -> str:
     return os.environ.get("VORA_DATA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "vora", "data"))
 
@@ -223,8 +173,6 @@ def infer_format(path: str) -> str:
 def _json_cache(path: str, fmt: str, cache_dir: str) -> tuple[str, dict]:
     """Build (once, under a file lock) a memory-mappable Arrow file of the records' JSON texts.
     Returns (arrow path, meta) with meta["bad"] = [[line, error], ...] (first 1000) and meta["n_bad"]."""
-    import pyarrow as pa
-
     st = os.stat(path)
     key = hashlib.sha1(f"v1|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{fmt}".encode()).hexdigest()[:16]
     os.makedirs(cache_dir, exist_ok=True)
@@ -251,7 +199,8 @@ def _json_cache(path: str, fmt: str, cache_dir: str) -> tuple[str, dict]:
 
                 def flush():
                     if raws:
-                        writer.write_batch(pa.record_batch([pa.array(raws, pa.large_string()), pa.array(lines, pa.int64())], schema=schema))
+                        columns = [pa.array(raws, pa.large_string()), pa.array(lines, pa.int64())]
+                        writer.write_batch(pa.record_batch(columns, schema=schema))
                         raws.clear()
                         lines.clear()
 
@@ -313,8 +262,10 @@ def _iter_json_records(path: str, fmt: str) -> Iterable[tuple[int, str | None, s
 
 
 # --------------------------------------------------------------------------- sources
-class _Source:
-    def __init__(self, spec: DataSource, cache_dir: str):
+class SourceReader:
+    """Reads the records of one :class:`SourceSpec`: its format and image root resolved, its rows memory-mapped."""
+
+    def __init__(self, spec: SourceSpec, cache_dir: str):
         self.spec = spec
         self.path = spec.path
         self.fmt = spec.format or infer_format(spec.path)
@@ -323,12 +274,11 @@ class _Source:
         self.bad_lines: list[list] = []
         self.n_bad_lines = 0
         if self.fmt in ("json", "jsonl"):
-            import datasets
-
             arrow_path, meta = _json_cache(spec.path, self.fmt, cache_dir)
             self.table = datasets.Dataset.from_file(arrow_path)
             self.bad_lines, self.n_bad_lines = meta["bad"], meta["n_bad"]
             self.kind = "json"
+            self.image_column = spec.image_column  # None: per record, the first of IMAGE_KEYS it has
         elif self.fmt in ("parquet", "arrow", "hf"):
             self.table = _load_table(spec.path, self.fmt, cache_dir)
             self.kind = "table"
@@ -364,8 +314,6 @@ class _Source:
 
 
 def _load_table(path: str, fmt: str, cache_dir: str):
-    import datasets
-
     if fmt == "hf":
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
@@ -388,52 +336,16 @@ def _load_table(path: str, fmt: str, cache_dir: str):
 
 def _no_decode(ds, col: str):
     """Keep 🤗 Image columns as {bytes, path} so decoding errors are ours to classify."""
-    from datasets import Image as HFImage, List, Sequence
-
     feat = ds.features.get(col)
-    if isinstance(feat, HFImage) and feat.decode:
-        return ds.cast_column(col, HFImage(decode=False))
-    if isinstance(feat, (List, Sequence)) and isinstance(getattr(feat, "feature", None), HFImage) and feat.feature.decode:
-        return ds.cast_column(col, List(HFImage(decode=False)))
+    if isinstance(feat, datasets.Image) and feat.decode:
+        return ds.cast_column(col, datasets.Image(decode=False))
+    inner = getattr(feat, "feature", None)
+    if isinstance(feat, (datasets.List, datasets.Sequence)) and isinstance(inner, datasets.Image) and inner.decode:
+        return ds.cast_column(col, datasets.List(datasets.Image(decode=False)))
     return ds
 
 
-# --------------------------------------------------------------------------- records → (messages, images)
-def open_image(obj: Any, image_root: str | None, field: str) -> Image.Image:
-    """Open one image reference (path relative to ``image_root``, bytes, {bytes, path}, PIL) → loaded PIL image."""
-    if isinstance(obj, Image.Image):
-        return obj
-    if isinstance(obj, dict):
-        if obj.get("bytes"):
-            return open_image(obj["bytes"], image_root, field)
-        if obj.get("path"):
-            return open_image(obj["path"], image_root, field)
-        raise SampleError("image_missing", f"{field}: image entry without bytes or path")
-    if isinstance(obj, (bytes, bytearray)):
-        try:
-            img = Image.open(io.BytesIO(obj))
-            img.load()
-            return img
-        except Exception as e:  # PIL raises many types
-            raise SampleError("image_unreadable", f"{field}: undecodable image bytes ({len(obj)} B): {e}") from e
-    if isinstance(obj, str):
-        if "://" in obj and not obj.startswith("file://"):
-            raise SampleError("image_missing", f"{field}: remote image {obj} (URLs are not fetched)")
-        p = obj[len("file://"):] if obj.startswith("file://") else obj
-        path = p if os.path.isabs(p) or not image_root else os.path.join(image_root, p)
-        if not os.path.isfile(path):
-            raise SampleError("image_missing", f"{field}: image not found: {path}")
-        try:
-            img = Image.open(path)
-            img.load()
-            return img
-        except Exception as e:
-            raise SampleError("image_unreadable", f"{field}: cannot read image {path}: {e}") from e
-    if obj is None:
-        raise SampleError("image_missing", f"{field}: null image reference")
-    raise SampleError("image_unreadable", f"{field}: unsupported image value of type {type(obj).__name__}")
-
-
+# --------------------------------------------------------------------------- records
 def _as_list(v) -> list:
     if v is None:
         return []
@@ -451,56 +363,20 @@ def _maybe_json(v, field: str):
     return v
 
 
-def record_to_conversation(rec: dict, image_column: str | None, image_root: str | None, load_images: bool = True):
-    """One record → (messages with string content and ``<image>`` placeholders, loaded images in order).
-
-    Raises :class:`SampleError` for bad records. Cheap checks (format, roles, assistant turn, placeholder count)
-    come before any image is opened."""
-    if "conversations" in rec and rec["conversations"] is not None:
-        conv = _maybe_json(rec["conversations"], "conversations")
+def read_record(rec: dict, image_column: str | None) -> dict[str, Any]:
+    """One record → the keyword arguments of ``encode_conversation`` it gives: ``messages`` (from ``conversations``
+    or ``messages``), ``images`` (the references in ``image_column``, default the first of ``IMAGE_KEYS`` the record
+    has) and the names of both fields. Raises :class:`SampleError` for a record of neither schema."""
+    if rec.get("conversations") is not None:
         field = "conversations"
-    elif "messages" in rec and rec["messages"] is not None:
-        conv = _maybe_json(rec["messages"], "messages")
+    elif rec.get("messages") is not None:
         field = "messages"
     else:
-        raise SampleError("unknown_format", f"record has neither 'conversations' nor 'messages' (keys: {sorted(rec)[:8]})")
-    if not isinstance(conv, list) or not conv:
-        raise SampleError("bad_conversation", f"field {field!r} is not a non-empty list")
-    msgs, part_images = normalize_messages(conv)
-
-    if image_column is not None:
-        refs = _as_list(rec.get(image_column))
-        img_field = image_column
-    else:
-        img_field, refs = None, []
-        for k in IMAGE_KEYS:
-            if rec.get(k) is not None:
-                img_field, refs = k, _as_list(rec[k])
-                break
-    # Image parts without a value take the record-level images in order; the rest stay in the list.
-    refs_iter = iter(refs)
-    resolved = []
-    for k, im in enumerate(part_images):
-        if im is None:
-            try:
-                resolved.append((next(refs_iter), f"{img_field}[{len(resolved)}]"))
-            except StopIteration:
-                raise SampleError("placeholder_mismatch", f"{field}: more image parts than entries in {img_field!r}") from None
-        else:
-            resolved.append((im, f"{field} image part {k}"))
-    rest = list(refs_iter)
-    offset = len(refs) - len(rest)
-    resolved += [(r, f"{img_field}[{offset + j}]" if len(refs) > 1 else f"{img_field}") for j, r in enumerate(rest)]
-
-    if not any(m["role"] == "assistant" for m in msgs):
-        raise SampleError("no_assistant_turn", f"{field}: no assistant (gpt) turn")
-    n_ph = sum(m["content"].count("<image>") for m in msgs)
-    if n_ph and n_ph != len(resolved):
-        raise SampleError("placeholder_mismatch", f"{field}: {n_ph} <image> placeholders but {len(resolved)} images")
-    if not load_images:
-        return msgs, resolved
-    images = [open_image(obj, image_root, fld) for obj, fld in resolved]
-    return msgs, images
+        raise SampleError("unknown_format",
+                          f"record has neither 'conversations' nor 'messages' (keys: {sorted(rec)[:8]})")
+    images_field = image_column or next((k for k in IMAGE_KEYS if rec.get(k) is not None), "images")
+    return {"messages": _maybe_json(rec[field], field), "field": field,
+            "images": _as_list(rec.get(images_field)), "images_field": images_field}
 
 
 # --------------------------------------------------------------------------- dataset
@@ -516,7 +392,7 @@ class VoRADataset(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        sources: Sequence[DataSource | dict | str],
+        sources: Sequence[SourceSpec | dict | str],
         processor: VoRAProcessor,
         max_length: int | None = None,
         on_bad_sample: str = "skip",
@@ -531,7 +407,7 @@ class VoRADataset(torch.utils.data.Dataset):
         self.on_bad_sample = on_bad_sample
         self.stats = BadSampleCounter()
         cache_dir = cache_dir or _default_cache_dir()
-        self.sources = [_Source(DataSource.coerce(s), cache_dir) for s in sources]
+        self.sources = [SourceReader(SourceSpec.coerce(s), cache_dir) for s in sources]
         self._sizes = []
         for src in self.sources:
             if src.spec.weight < 0:
@@ -578,13 +454,9 @@ class VoRADataset(torch.utils.data.Dataset):
         where = f"{src.path} row {row}"
         try:
             rec, where = src.get(row)
-            msgs, images = record_to_conversation(
-                rec, src.image_column if src.kind == "table" else src.spec.image_column, src.image_root)
-            enc = self.processor.encode_conversation(msgs, images, max_length=self.max_length)
-        except ValueError as e:
-            # Duck-typed: a processor loaded from a checkpoint's copied files raises its own VoRASampleError class.
-            if not hasattr(e, "reason"):
-                raise
+            enc = encode_conversation(self.processor, **read_record(rec, src.image_column),
+                                      max_length=self.max_length, image_root=src.image_root)
+        except SampleError as e:
             if self.on_bad_sample == "error":
                 raise ValueError(f"{where}: {e.reason}: {e}") from e
             self.stats.add(e.reason if e.reason in SKIP_REASONS else "bad_conversation", where, str(e))
@@ -599,8 +471,5 @@ class VoRADataset(torch.utils.data.Dataset):
         return self.stats.report(**kw)
 
 
-__all__ = [
-    "VoRADataset", "DataSource", "BadSampleCounter", "DataError", "SKIP_REASONS", "record_to_conversation",
-    "open_image",
-    "infer_format",
-]
+__all__ = ["VoRADataset", "SourceReader", "BadSampleCounter", "DataError", "SampleError", "SKIP_REASONS", "read_record",
+           "infer_format"]

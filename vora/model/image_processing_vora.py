@@ -194,10 +194,6 @@ class VoRAImageProcessor(BaseImageProcessor):
         h, w = self.get_resize_size(height, width)
         return h // self.patch_size, w // self.patch_size
 
-    def get_number_of_image_tokens(self, height: int, width: int) -> int:
-        gh, gw = self.get_grid_hw(height, width)
-        return gh * gw
-
     # ------------------------------------------------------------- processing
     def _resize_hwc(self, image: Any) -> tuple[torch.Tensor, bool]:
         """One image → (resized tensor [H, W, 3], is_uint8). uint8 data stays 0..255; float data is in [0, 1]."""
@@ -214,32 +210,6 @@ class VoRAImageProcessor(BaseImageProcessor):
             t = F.interpolate(t[None], size=(h, w), mode="bicubic", align_corners=False, antialias=True)[0]
             t = t.clamp_(0.0, 1.0)
         return t.permute(1, 2, 0), False
-
-    def patchify(self, image: torch.Tensor) -> torch.Tensor:
-        """Normalised [3, H, W] → [gh*gw, 3*p*p] (channel, row, col inside a patch; patches row-major)."""
-        p = self.patch_size
-        c, h, w = image.shape
-        gh, gw = h // p, w // p
-        x = image.reshape(c, gh, p, gw, p).permute(1, 3, 0, 2, 4)
-        return x.reshape(gh * gw, c * p * p)
-
-    def unpatchify(self, pixel_values: torch.Tensor, image_grid_hw: torch.Tensor) -> list[torch.Tensor]:
-        """Inverse of the patch layout: ``[P, 3*p*p]`` + ``[N, 2]`` → list of N normalised ``[3, H, W]``."""
-        p = self.patch_size
-        out, start = [], 0
-        for gh, gw in image_grid_hw.tolist():
-            n = gh * gw
-            x = pixel_values[start : start + n].reshape(gh, gw, 3, p, p).permute(2, 0, 3, 1, 4)
-            out.append(x.reshape(3, gh * p, gw * p))
-            start += n
-        if start != pixel_values.shape[0]:
-            raise ValueError(f"image_grid_hw covers {start} patches but pixel_values has {pixel_values.shape[0]}")
-        return out
-
-    def normalize_tensor(self, image: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.image_mean, dtype=image.dtype).view(3, 1, 1)
-        std = torch.tensor(self.image_std, dtype=image.dtype).view(3, 1, 1)
-        return (image - mean) / std
 
     def process_one(self, image: Any) -> tuple[torch.Tensor, tuple[int, int]]:
         """One image → (patches ``[gh*gw, 3*p*p]``, (gh, gw))."""

@@ -1,33 +1,34 @@
-"""VoRA processor: tokenizer + :class:`VoRAImageProcessor`.
+"""VoRA processor: tokenizer + :class:`VoRAImageProcessor`, for inference.
 
 Copied verbatim into merged checkpoints (``trust_remote_code``): imports only torch, numpy, PIL, transformers
 and, relatively, ``.image_processing_vora``.
 
-* ``processor(images=..., text=...)`` — inference: each ``<image>`` placeholder in the text becomes a run of
-  exactly ``gh*gw`` ``<image>`` tokens for its image (no begin/end tokens).
-* ``processor.apply_chat_template(messages, ...)`` — OpenAI-style messages with ``{"type": "image", "image": ...}``
+* ``processor(images=..., text=...)``: each ``<image>`` placeholder in the text becomes a run of exactly
+  ``gh*gw`` ``<image>`` tokens for its image (no begin/end tokens).
+* ``processor.apply_chat_template(messages, ...)``: OpenAI-style messages with ``{"type": "image", "image": ...}``
   content parts; images in the messages go to the image processor.
-* ``processor.encode_conversation(messages, images, max_length=...)`` — training: ``input_ids``, ``labels``
-  (−100 except assistant turns, end-of-turn token included), ``pixel_values``, ``image_grid_hw``, ``counts``.
-  Raises :class:`VoRASampleError` (with a ``reason``) for samples that cannot be used.
+
+Training labels (conversation → ``input_ids``/``labels``) are not shipped: see ``vora.conversation``.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from transformers import AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_utils import load_image
 from transformers.processing_utils import ProcessorMixin
 from transformers.tokenization_utils_base import AddedToken
 
 from .image_processing_vora import VoRAImageProcessor
 
 IMAGE_TOKEN = "<image>"
-IGNORE_INDEX = -100
 
 # Used when neither the processor nor the tokenizer has a chat template (e.g. a base LLM).
 CHATML_TEMPLATE = (
@@ -49,37 +50,44 @@ ROLE_ALIASES = {
 }
 
 
-class VoRASampleError(ValueError):
-    """A training sample that cannot be encoded. ``reason`` is a short machine-readable key."""
+def open_image(image: Any, image_root: str | None = None) -> Any:
+    """One image reference → an image the image processor takes (the one opener, for inference and training).
 
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
+    PIL images, arrays and tensors are returned as they are. Bytes and ``{"bytes", "path"}`` dicts (🤗 ``Image``
+    feature) are decoded, and a local path (``file://`` allowed, relative to ``image_root`` when given) is opened,
+    with transformers' ``load_image`` (EXIF orientation applied, RGB). Remote URLs are never fetched.
 
-
-def _load_image(obj: Any) -> Any:
-    """An image given in a message part: PIL / array / tensor as is; a local path is opened."""
-    if isinstance(obj, (Image.Image, np.ndarray, torch.Tensor)):
-        return obj
-    if isinstance(obj, dict):
-        for key in ("bytes", "path"):
-            if obj.get(key):
-                return _load_image(obj[key])
-        raise ValueError(f"image dict without 'bytes' or 'path': {sorted(obj)}")
-    if isinstance(obj, (bytes, bytearray)):
-        import io
-
-        img = Image.open(io.BytesIO(obj))
-        img.load()
-        return img
-    if isinstance(obj, str):
-        path = obj[len("file://") :] if obj.startswith("file://") else obj
-        if "://" in path:
-            raise ValueError(f"remote image URLs are not fetched: {obj}")
-        img = Image.open(os.path.expanduser(path))
-        img.load()
-        return img
-    raise TypeError(f"unsupported image object {type(obj).__name__}")
+    Raises ``FileNotFoundError`` when there is nothing to open (no such file, a URL, an empty reference), ``ValueError``
+    for data PIL cannot decode and ``TypeError`` for other values; the message names the path.
+    """
+    if isinstance(image, (Image.Image, np.ndarray, torch.Tensor)):
+        return image
+    if isinstance(image, dict):
+        if image.get("bytes"):
+            return open_image(image["bytes"])
+        if image.get("path"):
+            return open_image(image["path"], image_root)
+        raise FileNotFoundError("image entry without bytes or path")
+    if isinstance(image, (bytes, bytearray)):
+        try:
+            return load_image(Image.open(io.BytesIO(image)))
+        except Exception as e:  # PIL raises many types
+            raise ValueError(f"undecodable image bytes ({len(image)} B): {e}") from e
+    if isinstance(image, str):
+        if "://" in image and not image.startswith("file://"):
+            raise FileNotFoundError(f"remote image {image} (URLs are not fetched)")
+        path = os.path.expanduser(image.removeprefix("file://"))
+        if image_root and not os.path.isabs(path):
+            path = os.path.join(image_root, path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"image not found: {path}")
+        try:
+            return load_image(path)
+        except Exception as e:
+            raise ValueError(f"cannot read image {path}: {e}") from e
+    if image is None:
+        raise FileNotFoundError("null image reference")
+    raise TypeError(f"unsupported image value of type {type(image).__name__}")
 
 
 def _part_image(part: dict) -> Any:
@@ -105,11 +113,11 @@ def normalize_messages(messages: list[dict], image_token: str = IMAGE_TOKEN) -> 
     out, images = [], []
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
-            raise VoRASampleError("bad_conversation", f"message {i} is not an object")
+            raise ValueError(f"message {i} is not an object")
         raw_role = msg.get("role") if msg.get("role") is not None else msg.get("from")
         role = ROLE_ALIASES.get(str(raw_role).lower()) if raw_role is not None else None
         if role is None:
-            raise VoRASampleError("bad_conversation", f"message {i} has unknown role {raw_role!r}")
+            raise ValueError(f"message {i} has unknown role {raw_role!r}")
         content = msg.get("content") if msg.get("content") is not None else msg.get("value")
         if content is None:
             content = ""
@@ -122,7 +130,7 @@ def normalize_messages(messages: list[dict], image_token: str = IMAGE_TOKEN) -> 
                 if isinstance(part, str):
                     part = {"type": "text", "text": part}
                 if not isinstance(part, dict):
-                    raise VoRASampleError("bad_conversation", f"message {i} has a content part that is not an object")
+                    raise ValueError(f"message {i} has a content part that is not an object")
                 ptype = part.get("type")
                 if ptype in ("image", "image_url"):
                     pieces.append(image_token)
@@ -135,10 +143,10 @@ def normalize_messages(messages: list[dict], image_token: str = IMAGE_TOKEN) -> 
                     pieces.append(t)
                     prev_image = False
                 else:
-                    raise VoRASampleError("bad_conversation", f"message {i} has a content part of type {ptype!r}")
+                    raise ValueError(f"message {i} has a content part of type {ptype!r}")
             text = "".join(pieces)
         else:
-            raise VoRASampleError("bad_conversation", f"message {i} content is {type(content).__name__}")
+            raise ValueError(f"message {i} content is {type(content).__name__}")
         out.append({"role": role, "content": text})
     return out, images
 
@@ -157,8 +165,6 @@ class VoRAProcessor(ProcessorMixin):
         """Load the sub-processors without going through ``AutoImageProcessor`` (which does not know the VoRA
         image processor unless it is registered): the image processor from the ``image_processor`` entry of
         ``processor_config.json`` (or from ``preprocessor_config.json``), the tokenizer with ``AutoTokenizer``."""
-        from transformers import AutoTokenizer
-
         ip_names = set(VoRAImageProcessor.valid_kwargs.__annotations__) | {
             "patch_size", "min_pixels", "max_pixels", "image_mean", "image_std", "do_resize", "max_aspect_ratio"
         }
@@ -225,7 +231,9 @@ class VoRAProcessor(ProcessorMixin):
             return tmpl
         return CHATML_TEMPLATE
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False, chat_template: str | None = None, **kw) -> str:
+    def render(
+        self, messages: list[dict], add_generation_prompt: bool = False, chat_template: str | None = None, **kw
+    ) -> str:
         """Render string-content messages with the chat template (no tokenization)."""
         return self.tokenizer.apply_chat_template(
             messages,
@@ -273,7 +281,9 @@ class VoRAProcessor(ProcessorMixin):
                 buf.append(self.image_token * (gh * gw))
                 buf.append(piece)
             expanded.append("".join(buf))
-        tok_kwargs = dict(add_special_tokens=add_special_tokens, padding=padding, return_tensors=return_tensors, **kwargs)
+        tok_kwargs = dict(
+            add_special_tokens=add_special_tokens, padding=padding, return_tensors=return_tensors, **kwargs
+        )
         if padding_side is not None:
             tok_kwargs["padding_side"] = padding_side
         enc = self.tokenizer(expanded if len(expanded) > 1 or not isinstance(text, str) else expanded[0], **tok_kwargs)
@@ -300,15 +310,20 @@ class VoRAProcessor(ProcessorMixin):
         ``{"type": "text", "text": ...}``). ``tokenize=False`` → the prompt string(s); ``tokenize=True`` → the
         processor's output for the prompt(s) and the images found in the messages (a ``BatchFeature`` when
         ``return_dict``, else ``input_ids``)."""
-        batched = isinstance(conversation, (list, tuple)) and len(conversation) > 0 and isinstance(conversation[0], (list, tuple))
+        batched = (
+            isinstance(conversation, (list, tuple)) and len(conversation) > 0
+            and isinstance(conversation[0], (list, tuple))
+        )
         convs = list(conversation) if batched else [conversation]
         prompts, all_images = [], []
         for conv in convs:
             msgs, imgs = normalize_messages(conv, self.image_token)
             if any(im is None for im in imgs):
                 raise ValueError("an image content part carries no image (use {'type': 'image', 'image': <PIL image>})")
-            all_images.extend(_load_image(im) for im in imgs)
-            prompts.append(self.render(msgs, add_generation_prompt=add_generation_prompt, chat_template=chat_template, **kwargs))
+            all_images.extend(open_image(im) for im in imgs)
+            prompts.append(
+                self.render(msgs, add_generation_prompt=add_generation_prompt, chat_template=chat_template, **kwargs)
+            )
         if not tokenize:
             return prompts if batched else prompts[0]
         out = self(
@@ -326,208 +341,9 @@ class VoRAProcessor(ProcessorMixin):
                 out["attention_mask"] = out["attention_mask"][0]
         return out if return_dict else out["input_ids"]
 
-    # ----------------------------------------------------------- training
-    def encode_conversation(
-        self,
-        messages: list[dict],
-        images: list | None = None,
-        max_length: int | None = None,
-        chat_template: str | None = None,
-    ) -> dict[str, Any]:
-        """Encode one training conversation.
-
-        ``messages``: ``[{"role": "system"|"user"|"assistant", "content": str | parts}]`` (LLaVA ``from``/``value``
-        accepted). ``images``: loaded images in order of their placeholders; images given as content parts are
-        appended to them in order. Placeholders are kept where the text has them; with none at all, they are put
-        before the first user turn's text (``"<image>\\n" * n``). Labels are −100 except the tokens of assistant
-        turns (their content and end-of-turn token, trailing whitespace excluded).
-
-        ``max_length``: a sample whose image tokens alone exceed it raises ``images_exceed_max_length``; a longer
-        one is cut after its last assistant turn that fits (``counts["truncated"] = 1``); if even the first
-        assistant turn does not fit it is cut at ``max_length`` (moved back before an image run it would split).
-
-        Returns ``input_ids`` [L], ``labels`` [L], ``pixel_values`` [P, 3*p*p], ``image_grid_hw`` [N, 2] (images
-        cut off by truncation are dropped), ``counts`` {"truncated": 0|1}. Raises :class:`VoRASampleError`.
-        """
-        msgs, part_images = normalize_messages(messages, self.image_token)
-        given = list(images or [])
-        if any(im is None for im in part_images):
-            # Parts that only mark a position take the given images in order.
-            if len(given) < sum(im is None for im in part_images) :
-                raise VoRASampleError(
-                    "placeholder_mismatch",
-                    f"{sum(im is None for im in part_images)} image parts without an image but {len(given)} images given",
-                )
-            it = iter(given)
-            part_images = [next(it) if im is None else im for im in part_images]
-            given = list(it)
-        all_images = [_load_image(im) for im in part_images] + given if part_images else given
-        if not msgs:
-            raise VoRASampleError("bad_conversation", "empty conversation")
-        if not any(m["role"] == "assistant" for m in msgs):
-            raise VoRASampleError("no_assistant_turn", "conversation has no assistant turn")
-        if msgs[0]["role"] == "assistant":
-            raise VoRASampleError("bad_conversation", "conversation starts with an assistant turn")
-
-        n_ph = sum(m["content"].count(self.image_token) for m in msgs)
-        if n_ph == 0 and all_images:
-            first_user = next((i for i, m in enumerate(msgs) if m["role"] == "user"), None)
-            if first_user is None:
-                raise VoRASampleError("placeholder_mismatch", "images given but the conversation has no user turn")
-            msgs[first_user] = dict(msgs[first_user], content=(self.image_token + "\n") * len(all_images) + msgs[first_user]["content"])
-            n_ph = len(all_images)
-        if n_ph != len(all_images):
-            raise VoRASampleError(
-                "placeholder_mismatch", f"{n_ph} {self.image_token} placeholders but {len(all_images)} images"
-            )
-
-        # Image grids first: a sample whose images alone exceed max_length is rejected before any work.
-        pv_list, grids = [], []
-        for k, im in enumerate(all_images):
-            try:
-                pv, g = self.image_processor.process_one(im)
-            except (ValueError, TypeError, OSError) as e:
-                raise VoRASampleError("bad_image", f"image {k}: {e}") from e
-            pv_list.append(pv)
-            grids.append(g)
-        n_img_tokens = [gh * gw for gh, gw in grids]
-        if max_length is not None and sum(n_img_tokens) > max_length:
-            raise VoRASampleError(
-                "images_exceed_max_length",
-                f"{len(grids)} images need {sum(n_img_tokens)} tokens > max_length={max_length}",
-            )
-
-        full, spans, turn_ends = self._assistant_char_spans(msgs, chat_template)
-        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-        ids: list[int] = enc["input_ids"]
-        offsets = enc["offset_mapping"]
-        mask = _overlap_mask(offsets, spans)
-        # Map char positions of turn ends (after assistant turns) to token positions.
-        starts = [s for s, _ in offsets]
-        ends_tok = [int(np.searchsorted(np.asarray(starts), c, side="left")) for c in turn_ends]
-
-        n_tok_ph = sum(1 for t in ids if t == self.image_token_id)
-        if n_tok_ph != len(grids):
-            raise VoRASampleError(
-                "placeholder_mismatch",
-                f"the rendered conversation has {n_tok_ph} image tokens but {len(grids)} images "
-                "(does the chat template add or drop placeholders?)",
-            )
-
-        # Expand placeholders; keep a map old→new positions for turn ends.
-        out_ids, out_lab, img_starts = [], [], []
-        new_pos = []
-        k = 0
-        for t, m in zip(ids, mask):
-            new_pos.append(len(out_ids))
-            if t == self.image_token_id:
-                img_starts.append(len(out_ids))
-                out_ids.extend([t] * n_img_tokens[k])
-                out_lab.extend([IGNORE_INDEX] * n_img_tokens[k])
-                k += 1
-            else:
-                out_ids.append(t)
-                out_lab.append(t if m else IGNORE_INDEX)
-        new_pos.append(len(out_ids))
-        turn_end_tok = [new_pos[e] for e in ends_tok]
-
-        truncated = 0
-        L = len(out_ids)
-        if max_length is not None and L > max_length:
-            truncated = 1
-            fitting = [e for e in turn_end_tok if e <= max_length and any(l != IGNORE_INDEX for l in out_lab[:e])]
-            if fitting:
-                cut = max(fitting)
-            else:
-                cut = max_length
-                for s, n in zip(img_starts, n_img_tokens):
-                    if s < cut < s + n:
-                        cut = s
-                if not any(l != IGNORE_INDEX for l in out_lab[:cut]):
-                    raise VoRASampleError(
-                        "no_labels_after_truncation",
-                        f"{L} tokens > max_length={max_length} and no assistant token fits",
-                    )
-            out_ids, out_lab = out_ids[:cut], out_lab[:cut]
-            keep = sum(1 for s in img_starts if s < cut)
-            pv_list, grids = pv_list[:keep], grids[:keep]
-
-        dim = 3 * self.image_processor.patch_size**2
-        return {
-            "input_ids": torch.tensor(out_ids, dtype=torch.long),
-            "labels": torch.tensor(out_lab, dtype=torch.long),
-            "pixel_values": (pv_list[0] if len(pv_list) == 1 else torch.cat(pv_list, 0)) if pv_list else torch.zeros(0, dim),
-            "image_grid_hw": torch.tensor(grids, dtype=torch.long).reshape(-1, 2),
-            "counts": {"truncated": truncated},
-        }
-
-    def _assistant_char_spans(self, msgs: list[dict], chat_template: str | None):
-        """Render the conversation and find, by incremental prefix rendering, the character span of every
-        assistant turn (``[start of content, end of turn)``, trailing whitespace excluded) and the end of each
-        assistant turn in the full text."""
-        def render(ms, gen=False):
-            try:
-                return self.render(ms, add_generation_prompt=gen, chat_template=chat_template)
-            except Exception as e:  # jinja raise_exception(...) in templates, e.g. roles that must alternate
-                raise VoRASampleError("template_error", f"chat template failed: {type(e).__name__}: {e}") from e
-
-        full = render(msgs)
-        spans, ends = [], []
-        search_from = 0
-        for i, m in enumerate(msgs):
-            if m["role"] != "assistant":
-                continue
-            prefix = render(msgs[:i], gen=True)
-            upto = render(msgs[: i + 1])
-            if full.startswith(upto) and upto.startswith(prefix) and len(prefix) >= search_from:
-                start, end_turn = len(prefix), len(upto)
-            else:
-                # Template is not prefix-stable (e.g. rewrites earlier turns): find the content itself.
-                start = full.find(m["content"], search_from) if m["content"] else -1
-                if start < 0:
-                    raise VoRASampleError(
-                        "template_error", f"cannot locate assistant turn {i} in the rendered conversation"
-                    )
-                end_turn = start + len(m["content"])
-                eot = self._end_of_turn_string(chat_template)
-                if eot and full.startswith(eot, end_turn):
-                    end_turn += len(eot)
-            # The labelled span ends with the end-of-turn token (text the template adds after it, such as a
-            # newline or an end-of-conversation footer, is not something the model generates); templates without
-            # a known end-of-turn string keep the whole turn up to its trailing whitespace.
-            seg = full[start:end_turn]
-            eot = self._end_of_turn_string(chat_template)
-            cut = seg.find(eot, len(m["content"]) if seg.startswith(m["content"]) else 0) if eot else -1
-            end = start + (cut + len(eot) if cut >= 0 else len(seg.rstrip()))
-            spans.append((start, end))
-            ends.append(end_turn)
-            search_from = end_turn
-        return full, spans, ends
-
-    def _end_of_turn_string(self, chat_template: str | None = None) -> str | None:
-        tmpl = self.get_chat_template(chat_template)
-        for cand in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
-            if cand in tmpl:
-                return cand
-        return self.tokenizer.eos_token
-
-
-def _overlap_mask(offsets, spans) -> list[bool]:
-    """True for every token whose character range overlaps one of the (sorted) spans."""
-    mask = [False] * len(offsets)
-    j = 0
-    for t, (s, e) in enumerate(offsets):
-        while j < len(spans) and s >= spans[j][1]:
-            j += 1
-        if j == len(spans):
-            break
-        if e > spans[j][0] and e > s:
-            mask[t] = True
-    return mask
-
 
 # Saved processors carry this file (and image_processing_vora.py) plus an ``auto_map``, so that
 # ``AutoProcessor.from_pretrained(dir, trust_remote_code=True)`` works without the vora package.
 VoRAProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["VoRAProcessor", "VoRASampleError", "normalize_messages", "IMAGE_TOKEN", "CHATML_TEMPLATE"]
+__all__ = ["VoRAProcessor", "normalize_messages", "open_image", "IMAGE_TOKEN", "CHATML_TEMPLATE"]
