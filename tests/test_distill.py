@@ -10,8 +10,9 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2
 from tests.test_model import P, make_batch
 from tests.tiny import IMAGE_TOKEN_ID, save_tiny_llm
 from vora import VoRAForCausalLM
-from vora.distill import Teacher, VoRAForTraining, default_layer_map, init_patch_embed_from_teacher
+from vora.distill import VoRAForTraining, default_layer_map
 from vora.lora import add_lora
+from vora.teacher import Teacher, init_patch_embed_from_teacher
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 TEACHER_MEAN, TEACHER_STD = (0.45, 0.45, 0.4), (0.27, 0.26, 0.28)
