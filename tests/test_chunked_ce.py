@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from tests.test_distill import MEAN, STD, save_teacher
 from tests.tiny import IMAGE_TOKEN_ID, VOCAB, save_tiny_llm
 from vora import VoRAForCausalLM
-from vora.collator import VoRACollator
 from vora.chunked_ce import chunked_lm_loss
+from vora.collator import VoRACollator
 from vora.distill import VoRAForTraining
 from vora.lora import add_lora
 from vora.teacher import Teacher
