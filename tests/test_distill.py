@@ -1,17 +1,22 @@
-"""Distillation: teachers load offline, losses equal a hand computation, text-only batches run every module."""
+"""Distillation: teachers load offline, losses equal a hand computation, text-only batches run every module; the
+trainer hands the step's label-token and image counts to the objective and never writes to the model."""
 
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from transformers import (
+    BertConfig,
+    BertModel,
     CLIPVisionConfig,
     CLIPVisionModel,
     Dinov2Config,
     Dinov2Model,
     SiglipVisionConfig,
     SiglipVisionModel,
+    TrainingArguments,
 )
 
 from tests.test_model import P, make_batch
@@ -20,6 +25,7 @@ from vora import VoRAForCausalLM
 from vora.distill import VoRAForTraining, default_layer_map
 from vora.lora import add_lora
 from vora.teacher import Teacher, init_patch_embed_from_teacher
+from vora.trainer import VoRATrainer
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 TEACHER_MEAN, TEACHER_STD = (0.45, 0.45, 0.4), (0.27, 0.26, 0.28)
@@ -153,8 +159,7 @@ def test_other_transformers_teachers(tmp_path, kind, prefix):
 
 
 def test_timm_teacher_from_local_file(tmp_path):
-    import timm
-    from safetensors.torch import save_file
+    import timm  # optional: only timm teachers need it
 
     name = "vit_tiny_patch16_224"
     model = timm.create_model(name, pretrained=False, num_classes=0, img_size=32, depth=3)
@@ -180,8 +185,6 @@ def test_layer_map_and_errors(dirs, tmp_path):
     with pytest.raises(ValueError, match="LLM block"):
         build(dirs, pairs=((9, 1),))
     # a teacher without a patch grid
-    from transformers import BertConfig, BertModel
-
     bert = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=50)
     BertModel(bert).save_pretrained(tmp_path / "bert")
     with pytest.raises(ValueError, match="patch grid"):
@@ -257,10 +260,6 @@ def test_step_counts_given_explicitly_give_the_step_objective(dirs):
 def test_trainer_passes_the_counts_and_never_writes_to_the_model(dirs, tmp_path, monkeypatch):
     """VoRATrainer.compute_loss hands the step's counts to the model and sets no attribute on it (λ included):
     the step's micro-batch losses equal the explicit-count calls and the step objective; parameters unchanged."""
-    from transformers import TrainingArguments
-
-    from vora.trainer import VoRATrainer
-
     model = build(dirs).train()
     batches = step_batches()
     trainer = VoRATrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
