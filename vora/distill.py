@@ -65,8 +65,8 @@ class VoRATrainingOutput(ModelOutput):
         return out
 
 
-def objective(lm_sum: torch.Tensor, block_losses: torch.Tensor | None, weight: float, images: int, num_label_tokens,
-              num_images: float | None = None) -> VoRATrainingOutput:
+def objective(lm_sum: torch.Tensor, block_losses: torch.Tensor | None, weight: float, *, images: int,
+              num_label_tokens, num_images: float | None = None) -> VoRATrainingOutput:
     """One micro-batch's share of the optimizer step's loss:
 
         loss = lm_sum / num_label_tokens + λ · images / num_images · mean over blocks of block_losses
@@ -213,9 +213,10 @@ class VoRAForTraining(nn.Module):
                 h.remove()
         if num_items_in_batch is None:
             num_items_in_batch = (labels[:, 1:] != -100).sum()
-        n_images = len(grid) if has_images else 0
+        counts = dict(images=len(grid) if has_images else 0, num_label_tokens=num_items_in_batch,
+                      num_images=num_images_in_batch)
         if self.teacher is None:
-            return objective(lm_sum, None, self.weight, n_images, num_items_in_batch, num_images_in_batch)
+            return objective(lm_sum, None, self.weight, **counts)
 
         # Image token positions and each one's image, sized from host ints: no read-back of the device.
         if has_images:
@@ -236,4 +237,4 @@ class VoRAForTraining(nn.Module):
                                    "with use_reentrant=False")
             h = h.reshape(-1, h.shape[-1]).index_select(0, image_pos)
             losses.append(block_loss(head(h), teacher_feats[t], image_index, len(grid)))
-        return objective(lm_sum, torch.stack(losses), self.weight, n_images, num_items_in_batch, num_images_in_batch)
+        return objective(lm_sum, torch.stack(losses), self.weight, **counts)
