@@ -46,8 +46,9 @@ from vora import VoRAForCausalLM  # noqa: E402
 from vora import distill as vdistill  # noqa: E402
 from vora.model import modeling_vora  # noqa: E402
 from vora.collator import VoRACollator  # noqa: E402
-from vora.distill import Teacher, VoRAForTraining, default_layer_map  # noqa: E402
+from vora.distill import VoRAForTraining, default_layer_map  # noqa: E402
 from vora.lora import add_lora  # noqa: E402
+from vora.teacher import Teacher  # noqa: E402
 
 
 @dataclass

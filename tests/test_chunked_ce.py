@@ -9,9 +9,11 @@ import torch.nn.functional as F
 from tests.test_distill import MEAN, STD, save_teacher
 from tests.tiny import IMAGE_TOKEN_ID, VOCAB, save_tiny_llm
 from vora import VoRAForCausalLM
+from vora.chunked_ce import chunked_lm_loss
 from vora.collator import VoRACollator
-from vora.distill import Teacher, VoRAForTraining, chunked_lm_loss
+from vora.distill import VoRAForTraining
 from vora.lora import add_lora
+from vora.teacher import Teacher
 
 P = 4
 
@@ -162,7 +164,7 @@ def test_tied_embeddings_trained_in_full(dirs):
 @pytest.mark.parametrize("chunk", [1, 4, 1000])
 def test_chunked_lm_loss_function_against_full_cross_entropy(softcap, chunk):
     """The loss function alone, with a bias, soft-capping and every input trainable, against F.cross_entropy on
-    the full [B, L, V] logits (shifted labels, −100 ignored, sum / num_items)."""
+    the full [B, L, V] logits (shifted labels, −100 ignored, summed)."""
     torch.manual_seed(0)
     B, L, H, V = 3, 7, 8, 11
     hidden = torch.randn(B, L, H, requires_grad=True)
@@ -171,24 +173,22 @@ def test_chunked_lm_loss_function_against_full_cross_entropy(softcap, chunk):
     labels[0, :3] = -100
     labels[2, 4:] = -100
     labels[1, 0] = -100
-    num_items = torch.tensor(13.0)
 
     logits = head(hidden)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    ref = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum") / num_items
+    ref = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")
     ref_grads = torch.autograd.grad(ref, [hidden, head.weight, head.bias])
 
     n = int((labels[:, 1:] != -100).sum())
     for count in (None, n):
-        got = chunked_lm_loss(hidden, labels, head, num_items, num_label_tokens=count, softcap=softcap,
-                              chunk_size=chunk)
+        got = chunked_lm_loss(hidden, labels, head, num_label_tokens=count, softcap=softcap, chunk_size=chunk)
         got_grads = torch.autograd.grad(2 * got, [hidden, head.weight, head.bias])  # grad_output is applied
         torch.testing.assert_close(got, ref)
         for g, r in zip(got_grads, ref_grads):
             torch.testing.assert_close(g, 2 * r)
     with torch.no_grad():  # evaluation: no gradient work, same value
-        torch.testing.assert_close(chunked_lm_loss(hidden, labels, head, num_items, softcap=softcap), ref.detach())
+        torch.testing.assert_close(chunked_lm_loss(hidden, labels, head, softcap=softcap), ref.detach())
 
 
 def test_logit_scaling_llms_are_refused(dirs):

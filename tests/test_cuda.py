@@ -7,8 +7,9 @@ from tests.test_distill import save_teacher
 from tests.test_model import P, ROWS, dense_reference_mask, make_batch
 from tests.tiny import IMAGE_TOKEN_ID, save_tiny_llm
 from vora import VoRAForCausalLM
-from vora.distill import Teacher, VoRAForTraining
+from vora.distill import VoRAForTraining
 from vora.lora import add_lora
+from vora.teacher import Teacher
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -9,7 +9,7 @@ under `torch.cuda.set_sync_debug_mode("error")`.
 import pytest
 import torch
 
-from tests.test_chunked_ce import P, SAMPLES, build, dirs  # noqa: F401  (fixture)
+from tests.test_chunked_ce import SAMPLES, P, build, dirs  # noqa: F401  (fixture)
 from tests.tiny import IMAGE_TOKEN_ID
 from vora.collator import VoRACollator
 

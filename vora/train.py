@@ -271,7 +271,7 @@ def _init_patch_embed(vision_embed, teacher) -> list[str]:
     """Copy the teacher's patch embedding (gathering only its non-block parameters under ZeRO-3)."""
     import torch
 
-    from .distill import init_patch_embed_from_teacher
+    from .teacher import init_patch_embed_from_teacher
 
     in_blocks = set()
     for m in teacher.model.modules():
@@ -326,9 +326,10 @@ def build_model(recipe: Recipe, args) -> Built:
     import torch
 
     from .checkpoint import base_fingerprint
-    from .distill import Teacher, VoRAForTraining
+    from .distill import VoRAForTraining
     from .lora import add_lora
     from .model.modeling_vora import VoRAForCausalLM
+    from .teacher import Teacher
 
     m = recipe.model
     dtype = _torch_dtype(m.dtype, recipe, args)

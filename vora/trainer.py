@@ -263,26 +263,20 @@ class VoRATrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Training: LM = Σ token losses / label tokens of the whole step (all micro-batches and ranks); distillation
-        = Σ per-image losses / images of the whole step. Both scaled so that the gradient DeepSpeed / DDP average
-        over ranks and sum over micro-batches is exactly that of the step's objective."""
+        = Σ per-image losses / images of the whole step. The model gets both counts divided by the ranks, so that
+        the gradient DeepSpeed / DDP average over ranks and sum over micro-batches is exactly the step objective's."""
         labels = inputs["labels"]
         if model.training and self.optimizer is not None:
             self._step_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update will use
         n_local = (labels[:, 1:] != -100).sum()
         grid = inputs.get("image_grid_hw")
         n_img = 0 if grid is None else int(grid.shape[0])
-        inner = self.train_model
-        weight = inner.weight
         if model.training and num_items_in_batch is not None:
             world = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
             n = torch.as_tensor(num_items_in_batch, device=labels.device).float()
             denom = torch.where(n > 0, n / world, torch.ones_like(n))
-            step_images = getattr(self, "_step_images", 0.0)
-            inner.weight = weight * n_img * world / step_images if step_images > 0 else 0.0
-            try:
-                out = model(**inputs, num_items_in_batch=denom)
-            finally:
-                inner.weight = weight
+            images = getattr(self, "_step_images", 0.0) / world
+            out = model(**inputs, num_items_in_batch=denom, num_images_in_batch=images)
             lm_sum = out.lm_loss.float() * denom
         else:
             out = model(**inputs)
