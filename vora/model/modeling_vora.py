@@ -246,7 +246,7 @@ class VoRAForCausalLM(VoRAPreTrainedModel, GenerationMixin):
         image_grid_list=None, **kwargs,
     ) -> torch.Tensor:
         """The decoder's final (normed) hidden states `[B, L, H]`, without the `lm_head`: training computes the
-        LM loss from these at label positions only (`vora.distill.chunked_lm_loss`), never building logits for
+        LM loss from these at label positions only (`vora.chunked_ce.chunked_lm_loss`), never building logits for
         every position. Same inputs, mask and decoder as `forward`: `get_decoder()` reaches the base decoder
         through a peft wrapper too, whose LoRA layers sit inside it."""
         inputs_embeds, attention_mask = self._decoder_inputs(
