@@ -39,8 +39,8 @@ def build(work: Path, args):
     from tests.helpers_data import build_tokenizer
     from vora import VoRAForCausalLM
     from vora.checkpoint import save_trainable
-    from vora.model.image_processing_vora import VoRAImageProcessor
     from vora.lora import add_lora
+    from vora.model.image_processing_vora import VoRAImageProcessor
     from vora.model.processing_vora import VoRAProcessor
 
     base = work / "base"

@@ -44,10 +44,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vora import VoRAForCausalLM  # noqa: E402
 from vora import distill as vdistill  # noqa: E402
-from vora.model import modeling_vora  # noqa: E402
 from vora.collator import VoRACollator  # noqa: E402
 from vora.distill import Teacher, VoRAForTraining, default_layer_map  # noqa: E402
 from vora.lora import add_lora  # noqa: E402
+from vora.model import modeling_vora  # noqa: E402
 
 
 @dataclass

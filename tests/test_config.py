@@ -7,24 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers_data import MINIMAL_RECIPE as MINIMAL
+from tests.helpers_data import write_recipe as write
 from vora.config import ConfigError, apply_overrides, load_recipe, load_yaml, parse_overrides, reference
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny_cpu.yaml"
-
-
-def write(tmp_path, text: str) -> str:
-    path = tmp_path / "x.yaml"
-    path.write_text(text)
-    return str(path)
-
-
-MINIMAL = """
-model: {llm: /models/llm}
-lora: {layers: 2, rank: 4}
-data: {sources: [/data/a.jsonl, {path: /data/b.jsonl, weight: 2, image_root: /img}]}
-train: {output_dir: /out, learning_rate: 2e-4, warmup_steps: 100, lr_scheduler_type: constant_with_warmup}
-"""
 
 
 def test_minimal_recipe_and_defaults(tmp_path):

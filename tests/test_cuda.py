@@ -3,19 +3,14 @@
 import pytest
 import torch
 
-from tests.test_distill import save_teacher
-from tests.test_model import P, ROWS, dense_reference_mask, make_batch
-from tests.tiny import IMAGE_TOKEN_ID, save_tiny_llm
+from tests.tiny import IMAGE_TOKEN_ID, ROWS, P, dense_reference_mask, make_batch, save_teacher
 from vora import VoRAForCausalLM
 from vora.distill import Teacher, VoRAForTraining
 from vora.lora import add_lora
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module")
-def llm_dir(tmp_path_factory):
-    return save_tiny_llm(str(tmp_path_factory.mktemp("cuda") / "qwen2"), arch="qwen2")
 
 
 def build(path, attn, dtype):

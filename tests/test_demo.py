@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vora.config import load_recipe
 from examples.demo import corpus as C
 from examples.demo import pretrain as P
 from examples.demo import run as R
+from vora.config import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 

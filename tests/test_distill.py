@@ -1,46 +1,26 @@
 """Distillation: teachers load offline, losses equal a hand computation, text-only batches run every module."""
 
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model, SiglipVisionConfig, SiglipVisionModel
+from transformers import CLIPVisionModel
 
-from tests.test_model import P, make_batch
-from tests.tiny import IMAGE_TOKEN_ID, save_tiny_llm
+from tests.tiny import IMAGE_TOKEN_ID, MEAN, STD, TEACHER_MEAN, TEACHER_STD, P, make_batch, save_teacher
 from vora import VoRAForCausalLM
 from vora.distill import Teacher, VoRAForTraining, default_layer_map, init_patch_embed_from_teacher
 from vora.lora import add_lora
 
-MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-TEACHER_MEAN, TEACHER_STD = (0.45, 0.45, 0.4), (0.27, 0.26, 0.28)
-
-
-def save_teacher(path, kind="clip", image_size=8, patch=2, width=16, layers=3):
-    torch.manual_seed(3)
-    common = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=2, image_size=image_size, patch_size=patch)
-    if kind == "clip":
-        model = CLIPVisionModel(CLIPVisionConfig(**common))
-    elif kind == "siglip":
-        model = SiglipVisionModel(SiglipVisionConfig(**common))
-    elif kind == "dinov2":
-        model = Dinov2Model(Dinov2Config(**common))
-    model.save_pretrained(path)
-    with open(f"{path}/preprocessor_config.json", "w") as f:
-        json.dump({"image_mean": TEACHER_MEAN, "image_std": TEACHER_STD}, f)
-    return str(path)
-
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distill")
-    return {"llm": save_tiny_llm(str(root / "llm"), arch="llama"), "clip": save_teacher(root / "clip")}
+def dirs(llm_dirs, teacher_dir):
+    return {"llm": llm_dirs["llama"], "clip": teacher_dir}
 
 
 def build(dirs, pairs=((1, 1), (2, 3)), weight=0.7):
     torch.manual_seed(0)
-    vora = VoRAForCausalLM.from_llm(dirs["llm"], image_token_id=IMAGE_TOKEN_ID, patch_size=P, vision_embed_dim=16, position_grid=4, dtype=torch.float32)
+    vora = VoRAForCausalLM.from_llm(dirs["llm"], image_token_id=IMAGE_TOKEN_ID, patch_size=P, vision_embed_dim=16,
+                                    position_grid=4, dtype=torch.float32)
     add_lora(vora, num_layers=2, rank=4)
     teacher = Teacher.from_pretrained(dirs["clip"], blocks=sorted({t for _, t in pairs}))
     return VoRAForTraining(vora, teacher, list(pairs), weight=weight, image_mean=MEAN, image_std=STD)
@@ -56,11 +36,13 @@ def test_loss_equals_hand_computation_two_images_of_different_sizes(dirs):
     input_ids, attention_mask, pixel_values, grid = make_batch([[3, (2, 3), 2], [1, (3, 1), 4]], "right")
     labels = labels_for(input_ids, attention_mask)
     with torch.no_grad():
-        got = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, pixel_values=pixel_values, image_grid_hw=grid)
+        got = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, pixel_values=pixel_values,
+                    image_grid_hw=grid)
 
         # --- independent reference ---
         vora = model.vora
-        ref = vora(input_ids=input_ids, attention_mask=attention_mask, labels=labels, pixel_values=pixel_values, image_grid_hw=grid, output_hidden_states=True)
+        ref = vora(input_ids=input_ids, attention_mask=attention_mask, labels=labels, pixel_values=pixel_values,
+                   image_grid_hw=grid, output_hidden_states=True)
         hidden = ref.hidden_states
         clip = CLIPVisionModel.from_pretrained(dirs["clip"]).eval()
         images = []
@@ -69,7 +51,8 @@ def test_loss_equals_hand_computation_two_images_of_different_sizes(dirs):
             patches = pixel_values[offset : offset + gh * gw].t().unsqueeze(0)  # 1, 3*p*p, n
             img = F.fold(patches, output_size=(gh * P, gw * P), kernel_size=P, stride=P)
             img = img * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
-            img = F.interpolate(img.clamp(0, 1), size=(8, 8), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+            img = F.interpolate(img.clamp(0, 1), size=(8, 8), mode="bicubic", align_corners=False,
+                                antialias=True).clamp(0, 1)
             images.append((img - torch.tensor(TEACHER_MEAN).view(1, 3, 1, 1)) / torch.tensor(TEACHER_STD).view(1, 3, 1, 1))
             offset += gh * gw
         t_hidden = clip(pixel_values=torch.cat(images), output_hidden_states=True).hidden_states
@@ -97,7 +80,8 @@ def test_text_only_batch_runs_every_module_with_zero_weight(dirs):
     model = build(dirs).train()
     input_ids, attention_mask, _, _ = make_batch([[6], [4]], "right")
     labels = labels_for(input_ids, attention_mask)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, pixel_values=torch.zeros(0, 3 * P * P), image_grid_hw=torch.zeros(0, 2, dtype=torch.long))
+    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                pixel_values=torch.zeros(0, 3 * P * P), image_grid_hw=torch.zeros(0, 2, dtype=torch.long))
     with torch.no_grad():
         plain = model.vora(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
     torch.testing.assert_close(out.loss, plain)  # LM loss of text-only samples unchanged
@@ -107,12 +91,14 @@ def test_text_only_batch_runs_every_module_with_zero_weight(dirs):
     assert any(n.startswith("distill_heads.") for n in trainable) and any(n.startswith("vora.vision_embed.") for n in trainable)
     no_grad = [n for n, p in trainable.items() if p.grad is None]
     assert not no_grad, f"modules skipped on a text-only batch: {no_grad}"
-    assert all(float(p.grad.abs().sum()) == 0 for n, p in trainable.items() if n.startswith(("distill_heads.", "vora.vision_embed.")))
+    assert all(float(p.grad.abs().sum()) == 0 for n, p in trainable.items() if n.startswith(("distill_heads.",
+                                                                                             "vora.vision_embed.")))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(dirs):
     batch = make_batch([[2, (2, 2), 3]], "right")
-    kw = dict(input_ids=batch[0], attention_mask=batch[1], labels=labels_for(batch[0], batch[1]), pixel_values=batch[2], image_grid_hw=batch[3])
+    kw = dict(input_ids=batch[0], attention_mask=batch[1], labels=labels_for(batch[0], batch[1]), pixel_values=batch[2],
+              image_grid_hw=batch[3])
     grads = []
     for ckpt in (False, True):
         model = build(dirs).train()
@@ -141,9 +127,11 @@ def test_timm_teacher_from_local_file(tmp_path):
     model = timm.create_model(name, pretrained=False, num_classes=0, img_size=32, depth=3)
     save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
     # the file holds the weights; a 3-block, 32-px variant of the architecture
-    teacher = Teacher.from_pretrained(str(tmp_path / "w.safetensors"), blocks=[1, 3], backend="timm", timm_model=name, timm_kwargs={"img_size": 32, "depth": 3})
+    teacher = Teacher.from_pretrained(str(tmp_path / "w.safetensors"), blocks=[1, 3], backend="timm", timm_model=name,
+                                      timm_kwargs={"img_size": 32, "depth": 3})
     assert teacher.blocks == [1, 3] and teacher.depth == 3 and teacher.grid == (2, 2)
-    torch.testing.assert_close(teacher.model.patch_embed.proj.weight, model.patch_embed.proj.weight)  # weights from the file
+    torch.testing.assert_close(teacher.model.patch_embed.proj.weight,
+                               model.patch_embed.proj.weight)  # weights from the file
     x = torch.rand(2, 3, 32, 32)
     feats = teacher(x)
     model.eval()
@@ -161,20 +149,23 @@ def test_layer_map_and_errors(dirs, tmp_path):
     # a teacher without a patch grid
     from transformers import BertConfig, BertModel
 
-    BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=50)).save_pretrained(tmp_path / "bert")
+    BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                         vocab_size=50)).save_pretrained(tmp_path / "bert")
     with pytest.raises(ValueError, match="patch grid"):
         Teacher.from_pretrained(str(tmp_path / "bert"), blocks=[1])
 
 
 def test_patch_embed_init_from_teacher(dirs, tmp_path):
-    vora = VoRAForCausalLM.from_llm(dirs["llm"], image_token_id=IMAGE_TOKEN_ID, patch_size=P, vision_embed_dim=16, position_grid=4, dtype=torch.float32)
+    vora = VoRAForCausalLM.from_llm(dirs["llm"], image_token_id=IMAGE_TOKEN_ID, patch_size=P, vision_embed_dim=16,
+                                    position_grid=4, dtype=torch.float32)
     teacher = Teacher.from_pretrained(dirs["clip"], blocks=[1])
     copied = init_patch_embed_from_teacher(vora.vision_embed, teacher)
     assert "conv.weight" in copied and "position" in copied
     torch.testing.assert_close(vora.vision_embed.conv.weight, teacher.model.embeddings.patch_embedding.weight)
     pos = teacher.model.embeddings.position_embedding.weight[1:]  # CLS dropped, 4x4 grid
     torch.testing.assert_close(vora.vision_embed.position[0].flatten(1).t(), pos)
-    wrong = VoRAForCausalLM.from_llm(dirs["llm"], image_token_id=IMAGE_TOKEN_ID, patch_size=4, vision_embed_dim=16, position_grid=4)
+    wrong = VoRAForCausalLM.from_llm(dirs["llm"], image_token_id=IMAGE_TOKEN_ID, patch_size=4, vision_embed_dim=16,
+                                     position_grid=4)
     with pytest.raises(ValueError, match="does not fit"):
         init_patch_embed_from_teacher(wrong.vision_embed, teacher)
 

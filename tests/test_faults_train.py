@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers_data import write_jsonl
-from tests.test_train import (  # noqa: F401  (world: a fixture)
+from tests.train_world import (
     REPO,
     TINY,
     _base_overrides,
@@ -35,12 +35,17 @@ from tests.test_train import (  # noqa: F401  (world: a fixture)
     _recipe,
     _trainer,
     assert_same_steps,
+    build_train_world,
     step_logs,
-    world,
 )
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 KEYS = ("loss", "lm_loss", "distill_loss", "grad_norm", "learning_rate")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, deepspeed_ops):
+    return build_train_world(tmp_path_factory.mktemp("train_world"))
 
 
 def _no_launcher_env() -> dict:

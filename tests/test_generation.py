@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -235,7 +234,7 @@ def test_vora_generate_cli_streams(world, models, processor, tmp_path, capsys):
         generate_main(["--model", str(world.merged_dir), "--image", str(tmp_path / "nope.png"), "--prompt", "x"])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_cuda_cached_greedy_equals_reference(world, processor, attn):
     model = AutoModelForCausalLM.from_pretrained(world.merged_dir, attn_implementation=attn, dtype=torch.float32).cuda().eval()

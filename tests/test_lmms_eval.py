@@ -13,10 +13,10 @@ import torch
 
 pytest.importorskip("lmms_eval")
 
-from tests.vora_world import build_world  # noqa: E402
 from examples.demo import corpus as demo_corpus  # noqa: E402
 from examples.demo import evaluate as demo_eval  # noqa: E402
 from examples.demo.export_lmms_task import main  # noqa: E402
+from tests.vora_world import build_world  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

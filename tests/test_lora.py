@@ -4,15 +4,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.test_model import P, ROWS, make_batch
-from tests.tiny import IMAGE_TOKEN_ID, save_tiny_llm
+from tests.tiny import IMAGE_TOKEN_ID, ROWS, P, make_batch
 from vora import VoRAForCausalLM
 from vora.lora import add_lora, merge_lora, parameter_groups
-
-
-@pytest.fixture(scope="module")
-def llm_dir(tmp_path_factory):
-    return save_tiny_llm(str(tmp_path_factory.mktemp("llm") / "qwen2"), arch="qwen2")
 
 
 def vora(llm_dir):

@@ -5,9 +5,7 @@ from pathlib import Path
 
 import torch
 
-from tests.test_distill import save_teacher
-from tests.test_model import make_batch
-from tests.tiny import IMAGE_TOKEN_ID, save_tiny_llm
+from tests.tiny import IMAGE_TOKEN_ID, make_batch, save_teacher, save_tiny_llm
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

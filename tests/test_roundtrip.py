@@ -10,7 +10,7 @@ Stage 2 starts from that merged model, three runs at once: LoRA + patch embeddin
 only: no adapter), full fine-tuning (a full model: no merge). Each one is merged, or for full fine-tuning loaded
 as it is, and compared with the unmerged checkpoint.
 
-World, training subprocess and overrides: tests/test_train.py. Batches: tests/vora_world.py.
+World, training subprocess and overrides: tests/train_world.py. Batches: tests/vora_world.py.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoProcessor, GenerationConfig
 
 import vora  # noqa: F401  (registers the Auto classes in this process)
 from merge_tools import merge as merge_mod
-from tests.test_train import REPO, TINY, _base_overrides, _env, run_main, step_logs, world  # noqa: F401  (world: fixture)
+from tests.train_world import REPO, TINY, _base_overrides, _env, build_train_world, run_main, step_logs
 from tests.vora_world import make_batch
 from vora.checkpoint import load_trainable
 
@@ -133,6 +133,11 @@ def assert_valid_vora_dir(d: Path) -> None:
         assert (d / f).is_file(), f
     proc = AutoProcessor.from_pretrained(d)
     assert proc.image_token_id == cfg["image_token_id"] and proc.tokenizer.padding_side == "left"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, deepspeed_ops):
+    return build_train_world(tmp_path_factory.mktemp("train_world"))
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -16,11 +16,11 @@ from transformers import AutoModelForCausalLM, AutoProcessor, GenerationConfig
 import vora  # noqa: F401  (registers the Auto classes)
 from merge_tools.merge import inference_config
 from tests.helpers_data import make_image
-from tests.vora_world import P, ROWS, build_world, make_batch
+from tests.vora_world import ROWS, P, build_world, make_batch
 from vora import VoRAConfig, VoRAPatchEmbed
-from vora.model.image_processing_vora import VoRAImageProcessor
 from vora.integrations import serving
 from vora.integrations.serving import AttentionLayerInfo, ImageMaskError, check_image_mask
+from vora.model.image_processing_vora import VoRAImageProcessor
 
 ROOT = Path(__file__).resolve().parents[1]
 

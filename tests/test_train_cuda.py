@@ -9,13 +9,18 @@ import json
 import pytest
 import torch
 
-from tests.test_distill import save_teacher
-from tests.test_train import assert_same_steps, run_main, step_logs, world  # noqa: F401  (fixture)
+from tests.tiny import save_teacher
+from tests.train_world import assert_same_steps, build_train_world, run_main, step_logs
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.e2e]
 
 
-def test_cuda_zero2_bf16_resume_exact(world):  # noqa: F811
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, deepspeed_ops):
+    return build_train_world(tmp_path_factory.mktemp("train_world"))
+
+
+def test_cuda_zero2_bf16_resume_exact(world):
     out = world / "cuda_z2"
     extra = {"train.bf16": "true", "train.gradient_checkpointing": "true", "train.save_steps": 3, "train.max_steps": 6,
              "train.per_device_train_batch_size": 2}
@@ -28,7 +33,7 @@ def test_cuda_zero2_bf16_resume_exact(world):  # noqa: F811
     assert_same_steps(a, b, [4, 5, 6], keys=("loss", "lm_loss", "distill_loss", "grad_norm"))
 
 
-def test_cuda_zero3_bf16(world):  # noqa: F811
+def test_cuda_zero3_bf16(world):
     out = world / "cuda_z3"
     extra = {"train.deepspeed": "ds_configs/zero3.json", "train.bf16": "true", "train.gradient_checkpointing": "true",
              "train.save_steps": 2, "train.max_steps": 3}
@@ -40,7 +45,7 @@ def test_cuda_zero3_bf16(world):  # noqa: F811
 
 
 @pytest.mark.parametrize("ds", ["zero2", "zero3"])
-def test_cuda_throughput_realistic_shapes(world, ds):  # noqa: F811
+def test_cuda_throughput_realistic_shapes(world, ds):
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
     from tests.helpers_data import save_image, write_jsonl

@@ -74,8 +74,8 @@ def build_world(root: Path, arch="qwen2", tie=False, merge_dtype="float32", max_
     from merge_tools.merge import merge
     from vora import VoRAForCausalLM
     from vora.checkpoint import save_trainable
-    from vora.model.image_processing_vora import VoRAImageProcessor
     from vora.lora import add_lora
+    from vora.model.image_processing_vora import VoRAImageProcessor
     from vora.model.processing_vora import VoRAProcessor
 
     root = Path(root)
