@@ -9,7 +9,9 @@ import numpy as np
 from PIL import Image
 
 CHATML = (
-    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{% if messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
+    "{% endif %}"
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
@@ -50,7 +52,8 @@ def build_tokenizer(path: str, template: str | None = "chatml", with_image_token
     tk.decoder = decoders.ByteLevel()
     specials = SPECIALS + (["<image>"] if with_image_token else [])
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False
     )
     tk.train_from_iterator(CORPUS, trainer)
     kwargs = dict(tokenizer_object=tk, pad_token="<|endoftext|>")

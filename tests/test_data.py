@@ -263,7 +263,8 @@ def test_image_placement(proc):
     text = proc.tokenizer.decode(enc["input_ids"])
     assert "user\nHi<|im_end|>" in text and "Look: <image><image><image><image><|im_end|>" in text
     with pytest.raises(VoRASampleError) as e:
-        proc.encode_conversation([{"role": "user", "content": "<image> <image>"}, {"role": "assistant", "content": "x"}], [img])
+        proc.encode_conversation([{"role": "user", "content": "<image> <image>"},
+                                  {"role": "assistant", "content": "x"}], [img])
     assert e.value.reason == "placeholder_mismatch"
     with pytest.raises(VoRASampleError) as e:
         proc.encode_conversation([{"role": "user", "content": "hi"}], [])
@@ -325,9 +326,11 @@ def test_processor_save_load_round_trip(proc, tmp_path):
     assert {"processing_vora.py", "image_processing_vora.py", "processor_config.json"} <= names
     cfg = json.loads((tmp_path / "processor_config.json").read_text())
     assert cfg["auto_map"]["AutoProcessor"] == "processing_vora.VoRAProcessor"
-    msgs = [{"role": "user", "content": [{"type": "image", "image": make_image(33, 71)}, {"type": "text", "text": "Hi"}]}]
+    msgs = [{"role": "user",
+             "content": [{"type": "image", "image": make_image(33, 71)}, {"type": "text", "text": "Hi"}]}]
     ref = proc.apply_chat_template(msgs, tokenize=True, return_dict=True, return_tensors="pt")
-    for loaded in (VoRAProcessor.from_pretrained(tmp_path), AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)):
+    for loaded in (VoRAProcessor.from_pretrained(tmp_path),
+                   AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)):
         assert loaded.image_token_id == proc.image_token_id
         strip = lambda d: {k: v for k, v in d.items() if k != "auto_map"}  # noqa: E731
         assert strip(loaded.image_processor.to_dict()) == strip(proc.image_processor.to_dict())
@@ -439,7 +442,8 @@ def test_parquet_arrow_and_save_to_disk(proc, tmp_path, cache_dir):
     pq = tmp_path / "d.parquet"
     datasets.Dataset.from_dict(table).to_parquet(str(pq))
     exp_img = proc.encode_conversation([{"role": "user", "content": "<image>\nWhat is in the image?"},
-                                        {"role": "assistant", "content": "A cat."}], [Image.open(io.BytesIO(img_bytes))])
+                                        {"role": "assistant",
+                                         "content": "A cat."}], [Image.open(io.BytesIO(img_bytes))])
     exp_txt = proc.encode_conversation([{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi."}])
 
     ds = VoRADataset([{"path": str(pq), "image_column": "jpg"}], proc, cache_dir=cache_dir)
@@ -465,7 +469,8 @@ def test_parquet_arrow_and_save_to_disk(proc, tmp_path, cache_dir):
 
 
 def test_mixing_weights(proc, tmp_path, cache_dir):
-    rows = [{"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]} for i in range(10)]
+    rows = [{"conversations": [{"from": "human", "value": f"q{i}"},
+                               {"from": "gpt", "value": f"a{i}"}]} for i in range(10)]
     p1 = write_jsonl(str(tmp_path / "one.jsonl"), rows)
     p2 = write_jsonl(str(tmp_path / "two.jsonl"), rows[:4])
     ds = VoRADataset([{"path": p1, "weight": 0.5}, {"path": p2, "weight": 2.5}], proc, cache_dir=cache_dir)
@@ -493,7 +498,8 @@ def _bad_cases(tmp_path):
         ("no_assistant_turn", {"conversations": [{"from": "human", "value": "hi"}]}, "no assistant"),
         ("placeholder_mismatch", {"image": "ok.png", "conversations": h("<image> <image>")}, "2 <image> placeholders"),
         ("unknown_format", {"text": "just text"}, "neither 'conversations' nor 'messages'"),
-        ("bad_conversation", {"conversations": [{"from": "alien", "value": "x"}, {"from": "gpt", "value": "y"}]}, "alien"),
+        ("bad_conversation", {"conversations": [{"from": "alien", "value": "x"}, {"from": "gpt", "value": "y"}]},
+         "alien"),
         ("bad_image", {"image": "thin.png", "conversations": h("<image>")}, "aspect ratio"),
         ("images_exceed_max_length", {"images": ["big.png"] * 4, "conversations": h("<image>" * 4)}, "max_length=60"),
     ]
@@ -563,8 +569,10 @@ def test_json_list_errors_name_index(proc, tmp_path, cache_dir):
 
 def test_counts_reach_main_process_with_workers(proc, tmp_path, cache_dir):
     save_image(str(tmp_path / "a.png"), 30, 30, 0)
-    good_img = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "ok"}]}
-    missing = {"image": "b.png", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "ok"}]}
+    good_img = {"image": "a.png",
+                "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "ok"}]}
+    missing = {"image": "b.png",
+               "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "ok"}]}
     rows = [good_img, missing, GOOD, {"x": 1}] * 4
     path = write_jsonl(str(tmp_path / "w.jsonl"), rows)
     ds = VoRADataset([path], proc, cache_dir=cache_dir)
@@ -608,9 +616,11 @@ def test_collator_padding(proc):
 def test_packing_layout_and_image_order(proc):
     imgs = [make_image(28, 28, 1), make_image(28, 56, 2), make_image(56, 28, 3)]
     convs = [
-        proc.encode_conversation([{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "one"}], [imgs[0]]),
+        proc.encode_conversation([{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "one"}],
+                                 [imgs[0]]),
         proc.encode_conversation([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "two"}]),
-        proc.encode_conversation([{"role": "user", "content": "<image><image>"}, {"role": "assistant", "content": "three"}], imgs[1:]),
+        proc.encode_conversation([{"role": "user", "content": "<image><image>"},
+                                  {"role": "assistant", "content": "three"}], imgs[1:]),
     ]
     lens = [len(c["input_ids"]) for c in convs]
     cap = lens[0] + lens[1] + 1
@@ -669,7 +679,8 @@ def test_packing_loss_equivalence(proc, arch):
         ref = []
         for i in order:
             single = VoRACollator(proc.pad_token_id)([samples[i]])
-            ref.append(per_sample_loss_sums(text_llm_forward(model, single), single["labels"], single["attention_mask"]))
+            ref.append(per_sample_loss_sums(text_llm_forward(model, single), single["labels"],
+                                            single["attention_mask"]))
         ref = torch.cat(ref)
         # Unpacked, padded batch gives the same per-sample sums too.
         padded = VoRACollator(proc.pad_token_id)([samples[i] for i in order])

@@ -19,7 +19,8 @@ def test_mask_matches_dense_reference(llm_dirs, arch, attn, padding_side):
     batch = make_batch(ROWS, padding_side)
     input_ids, attention_mask, pixel_values, image_grid_hw = batch
     with torch.no_grad():
-        got = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_grid_hw=image_grid_hw).logits
+        got = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                    image_grid_hw=image_grid_hw).logits
         want = reference_logits(model, *batch)
     valid = attention_mask.bool()
     torch.testing.assert_close(got[valid], want[valid], atol=1e-4, rtol=1e-4)
@@ -57,7 +58,8 @@ def test_packed_rows_match_dense_reference(llm_dirs, attn):
 
 
 def test_image_block_ids_keep_adjacent_images_apart():
-    ids = torch.tensor([[5, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, 5], [IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, 5, 5, 5]])
+    ids = torch.tensor([[5, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, 5],
+                        [IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, 5, 5, 5]])
     grid = torch.tensor([[1, 2], [1, 1], [2, 1]])
     assert image_block_ids(ids, IMAGE_TOKEN_ID, grid).tolist() == [[-1, 0, 0, 1, -1], [2, 2, -1, -1, -1]]
 
@@ -91,7 +93,8 @@ def test_placeholder_count_mismatch_is_a_clear_error(llm_dirs):
     input_ids, attention_mask, pixel_values, image_grid_hw = make_batch(ROWS, "right")
     with pytest.raises(ValueError, match="placeholders and images disagree"):
         # the last image (1x1) is missing from the images while its placeholder is in the text
-        model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values[:-1], image_grid_hw=image_grid_hw[:-1])
+        model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values[:-1],
+              image_grid_hw=image_grid_hw[:-1])
     with pytest.raises(ValueError, match="placeholders and images disagree"):
         model(input_ids=input_ids, attention_mask=attention_mask)
 

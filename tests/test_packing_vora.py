@@ -18,13 +18,16 @@ def test_packed_image_samples_match_unpacked(tmp_path, attn):
     samples = []
     for i in range(5):
         n_img = i % 3  # 0, 1 or 2 images per sample
-        images = [make_image(int(rng.integers(1, 4)) * 14, int(rng.integers(1, 4)) * 14, seed=10 * i + k) for k in range(n_img)]
+        images = [make_image(int(rng.integers(1, 4)) * 14, int(rng.integers(1, 4)) * 14,
+                             seed=10 * i + k) for k in range(n_img)]
         user = "<image>" * n_img + " what is here"
-        samples.append(proc.encode_conversation([{"role": "user", "content": user}, {"role": "assistant", "content": "a red fox"}], images))
+        samples.append(proc.encode_conversation([{"role": "user", "content": user},
+                                                 {"role": "assistant", "content": "a red fox"}], images))
     torch.manual_seed(0)
     text = Qwen2Config(vocab_size=len(proc.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    config = VoRAConfig(text_config=text, image_token_id=proc.image_token_id, patch_size=14, vision_embed_dim=16, position_grid=4)
+    config = VoRAConfig(text_config=text, image_token_id=proc.image_token_id, patch_size=14, vision_embed_dim=16,
+                        position_grid=4)
     config._attn_implementation = attn
     model = VoRAForCausalLM(config).eval()
     model.set_attn_implementation(attn)

@@ -37,7 +37,8 @@ def test_build_snippet_runs(tmp_path):
     exec(compile(code, str(README), "exec"), scope)
     trainable = scope["trainable"]
     input_ids, attention_mask, pixel_values, grid = make_batch([[2, (2, 3), 3]], "right")
-    out = trainable(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids.masked_fill(input_ids == IMAGE_TOKEN_ID, -100),
+    out = trainable(input_ids=input_ids, attention_mask=attention_mask,
+                    labels=input_ids.masked_fill(input_ids == IMAGE_TOKEN_ID, -100),
                     pixel_values=pixel_values, image_grid_hw=grid)
     out.loss.backward()
     assert torch.isfinite(out.loss) and set(out.logs(scope["pairs"])) >= {"lm_loss", "distill_loss", "distill_block_3"}

@@ -54,7 +54,8 @@ def safetensors_keys(path: Path) -> dict[str, tuple]:
 def zero2_run(world):
     """6 steps, ZeRO-2, fp32, 2 samples per micro-batch, checkpoints every 2 steps (keep 2), TensorBoard on."""
     out = world / "zero2"
-    proc = run_main(world, out, **{"train.save_steps": 2, "train.save_total_limit": 2, "train.report_to": "tensorboard"})
+    proc = run_main(world, out,
+                    **{"train.save_steps": 2, "train.save_total_limit": 2, "train.report_to": "tensorboard"})
     return out, proc
 
 
@@ -64,7 +65,8 @@ def test_zero2_logs_checkpoints_and_artifacts(world, zero2_run):
     assert sorted(logs) == [1, 2, 3, 4, 5, 6]
     for rec in logs.values():
         with_images = rec["images_per_second"] > 0
-        assert set(STEP_KEYS) - (set() if with_images else {"distill_loss", "distill_block_1", "distill_block_2"}) <= set(rec), rec
+        assert set(STEP_KEYS) - (set() if with_images else {"distill_loss", "distill_block_1",
+                                                            "distill_block_2"}) <= set(rec), rec
         assert abs(rec["loss"] - (rec["lm_loss"] + rec.get("distill_loss", 0.0))) < 1e-4  # λ = 1
     assert any(rec.get("distill_loss", 0) > 0 for rec in logs.values())
     # trainable parameters printed by group; bad sample reported
@@ -84,8 +86,10 @@ def test_checkpoint_holds_trainable_weights_only(world, zero2_run):
     out, _ = zero2_run
     ck = out / "checkpoint-6"
     names = {p.name for p in ck.iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json", "vora_trainable.safetensors", "config.json", "vora_run.json",
-            "trainer_state.json", "rng_state.pth", "scheduler.pt", "latest", "tokenizer.json", "processor_config.json"} <= names
+    assert {"adapter_model.safetensors", "adapter_config.json", "vora_trainable.safetensors", "config.json",
+            "vora_run.json",
+            "trainer_state.json", "rng_state.pth", "scheduler.pt", "latest", "tokenizer.json",
+            "processor_config.json"} <= names
     adapter = safetensors_keys(ck / "adapter_model.safetensors")
     assert adapter and all("lora_A" in k or "lora_B" in k for k in adapter)
     assert {k.split(".layers.")[1].split(".")[0] for k in adapter} == {"0", "1"}  # lora.layers: 2
@@ -129,7 +133,8 @@ def test_resume_is_exact_and_skips_without_loading(world, zero2_run):
     resumed = world / "zero2_resumed"
     run_main(world, resumed, **{"train.resume_from_checkpoint": str(out / "checkpoint-4"), "train.save_steps": 2})
     a, b = step_logs(out), step_logs(resumed)
-    assert_same_steps(a, b, [5, 6], keys=("loss", "lm_loss", "distill_loss", "distill_block_1", "grad_norm", "learning_rate"))
+    assert_same_steps(a, b, [5, 6],
+                      keys=("loss", "lm_loss", "distill_loss", "distill_block_1", "grad_norm", "learning_rate"))
     report = json.loads((resumed / "data_report.json").read_text())
     # 2 steps × 2 samples, plus the one batch the dataloader reads ahead; the skipped 4 steps were never decoded
     assert report["ok"] + report["skipped_total"] <= (2 + 1) * 2
@@ -158,7 +163,8 @@ def test_gradient_accumulation_and_two_processes_match(world, zero2_run, two_pro
     the step's images, so all three give the same losses and gradients (some micro-batches are text-only or empty)."""
     out, _ = zero2_run
     ga = world / "ga"
-    run_main(world, ga, **{"train.per_device_train_batch_size": 1, "train.gradient_accumulation_steps": 2, "train.max_steps": 4,
+    run_main(world, ga,
+             **{"train.per_device_train_batch_size": 1, "train.gradient_accumulation_steps": 2, "train.max_steps": 4,
                            "train.save_steps": 100})
     two = two_procs_run
     # the sampler's order (seed 0): some step pairs a text-only micro-batch with an image one
@@ -206,7 +212,8 @@ def test_resume_on_another_number_of_ranks(world, zero2_run, two_procs_run):
 def test_config_error_found_while_building_the_run_is_one_clear_line(world, tmp_path):
     """A resume target that is not a directory is found after the recipe loaded (inside train()): vora-train says
     which file and key, not a traceback from deep inside."""
-    proc = run_main(world, tmp_path / "out", must_succeed=False, **{"train.resume_from_checkpoint": str(tmp_path / "nope")})
+    proc = run_main(world, tmp_path / "out", must_succeed=False,
+                    **{"train.resume_from_checkpoint": str(tmp_path / "nope")})
     assert proc.returncode != 0
     assert f"vora-train: error: command line: train.resume_from_checkpoint: {tmp_path / 'nope'} is not a directory" \
         in proc.stderr, \
@@ -237,10 +244,12 @@ def test_zero3_offload_matches_and_logs_the_rate_it_used(world, zero2_run):
     logged learning rate is the one each update used (warm-up 0 → 5e-4 → 1e-3), not the next step's."""
     out, _ = zero2_run
     off = world / "zero3_offload"
-    run_main(world, off, **{"train.deepspeed": "ds_configs/zero3_offload.json", "train.max_steps": 3, "train.save_steps": 3})
+    run_main(world, off,
+             **{"train.deepspeed": "ds_configs/zero3_offload.json", "train.max_steps": 3, "train.save_steps": 3})
     logs = step_logs(off)
     assert [logs[s]["learning_rate"] for s in (1, 2, 3)] == [0.0, 5e-4, 1e-3]
-    assert_same_steps(step_logs(out), logs, [1, 2, 3], keys=("loss", "lm_loss", "distill_loss", "grad_norm", "learning_rate"),
+    assert_same_steps(step_logs(out), logs, [1, 2, 3],
+                      keys=("loss", "lm_loss", "distill_loss", "grad_norm", "learning_rate"),
                       rtol=2e-5, atol=2e-5)
 
 
@@ -261,7 +270,8 @@ def test_zero3_bf16_checkpointing_and_resume(world, zero2_run):
     ours = safetensors_keys(ck / "adapter_model.safetensors")
     theirs = safetensors_keys(out / "checkpoint-4" / "adapter_model.safetensors")
     assert ours == theirs  # full shapes, not ZeRO-3 partitions
-    assert safetensors_keys(ck / "vora_trainable.safetensors") == safetensors_keys(out / "checkpoint-4" / "vora_trainable.safetensors")
+    want = safetensors_keys(out / "checkpoint-4" / "vora_trainable.safetensors")
+    assert safetensors_keys(ck / "vora_trainable.safetensors") == want
     resumed = world / "zero3_resumed"
     run_main(world, resumed, **{**extra, "train.resume_from_checkpoint": str(ck)})
     assert_same_steps(logs, step_logs(resumed), [3], keys=("loss", "lm_loss", "distill_loss", "grad_norm"))
@@ -308,7 +318,8 @@ def test_stage2_full_finetune_under_zero2_stores_the_model_once(world):
     assert states.stat().st_size < model_bytes / 10, (states.stat().st_size, model_bytes)
     resumed = world / "stage2_zero2_resumed"
     run_main(world, resumed, **{**extra, "train.resume_from_checkpoint": str(ck)})
-    assert_same_steps(step_logs(out), step_logs(resumed), [3, 4], keys=("loss", "lm_loss", "grad_norm", "learning_rate"))
+    assert_same_steps(step_logs(out), step_logs(resumed), [3, 4],
+                      keys=("loss", "lm_loss", "grad_norm", "learning_rate"))
 
 
 # ---------------------------------------------------------------------------------------------------- in process
@@ -431,6 +442,7 @@ def test_resume_target(world, tmp_path):
         (out / f"checkpoint-{n}" / "trainer_state.json").write_text("{}")
     (out / ".tmp-checkpoint-20").mkdir()  # an interrupted save is never resumed from
     assert _resume_target(auto, str(out)) == str(out / "checkpoint-12")
-    assert _resume_target(_recipe(world, out, f"train.resume_from_checkpoint={out / 'checkpoint-3'}"), str(out)) == str(out / "checkpoint-3")
+    assert _resume_target(_recipe(world, out, f"train.resume_from_checkpoint={out / 'checkpoint-3'}"),
+                          str(out)) == str(out / "checkpoint-3")
     with pytest.raises(ConfigError, match="is not a directory"):
         _resume_target(_recipe(world, out, "train.resume_from_checkpoint=/nope"), str(out))

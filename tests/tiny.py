@@ -38,7 +38,8 @@ def save_tiny_llm(path, arch="qwen2", seed=0, vocab=VOCAB, **kwargs) -> str:
 
 def save_teacher(path, kind="clip", image_size=8, patch=2, width=16, layers=3):
     torch.manual_seed(3)
-    common = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=2, image_size=image_size, patch_size=patch)
+    common = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=2,
+                  image_size=image_size, patch_size=patch)
     if kind == "clip":
         model = CLIPVisionModel(CLIPVisionConfig(**common))
     elif kind == "siglip":
@@ -91,7 +92,8 @@ def dense_reference_mask(input_ids, attention_mask, image_grid_hw, bidirectional
     return allowed
 
 
-def reference_logits(model, input_ids, attention_mask, pixel_values, image_grid_hw, position_ids=None, bidirectional=True):
+def reference_logits(model, input_ids, attention_mask, pixel_values, image_grid_hw, position_ids=None,
+                     bidirectional=True):
     allowed = dense_reference_mask(input_ids, attention_mask, image_grid_hw, bidirectional)
     embeds, _ = model.embed_inputs(input_ids, pixel_values, image_grid_hw)
     float_mask = torch.zeros(allowed.shape, dtype=embeds.dtype).masked_fill(~allowed, torch.finfo(embeds.dtype).min)
@@ -166,6 +168,7 @@ def training_sample(items, seed):
 
 
 TRAINING_SAMPLES = {
-    "images": [training_sample([3, (2, 3), 5], 0), training_sample([2, (3, 1), 4, (2, 2), 3], 1), training_sample([7], 2)],
+    "images": [training_sample([3, (2, 3), 5], 0), training_sample([2, (3, 1), 4, (2, 2), 3], 1),
+               training_sample([7], 2)],
     "text": [training_sample([9], 3), training_sample([4], 4)],
 }

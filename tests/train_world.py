@@ -98,7 +98,8 @@ def _env(port=None, single=True):
     env.update(PYTHONPATH=os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p),
                TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     if single:
-        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port or _free_port()))
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port or _free_port()))
     return env
 
 
@@ -133,7 +134,8 @@ def step_logs(path: Path) -> dict[int, dict]:
     return {h["step"]: h for h in hist if "loss" in h}
 
 
-def assert_same_steps(a: dict, b: dict, steps, keys=("loss", "lm_loss", "distill_loss", "grad_norm"), rtol=1e-6, atol=1e-6):
+def assert_same_steps(a: dict, b: dict, steps, keys=("loss", "lm_loss", "distill_loss", "grad_norm"), rtol=1e-6,
+                      atol=1e-6):
     for s in steps:
         for k in keys:
             assert (k in a[s]) == (k in b[s]), f"step {s}: {k} logged in one run only"
@@ -151,5 +153,6 @@ def _trainer(recipe):
     args = build_training_arguments(recipe)
     built = build_model(recipe, args)
     train_ds, _ = build_datasets(recipe, built.processor)
-    return VoRATrainer(model=built.model, args=args, train_dataset=train_ds, data_collator=build_collator(recipe, built.processor),
+    return VoRATrainer(model=built.model, args=args, train_dataset=train_ds,
+                       data_collator=build_collator(recipe, built.processor),
                        save_mode=built.save_mode, run_info=built.run_info, vora_processor=built.processor)

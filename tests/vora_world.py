@@ -131,7 +131,8 @@ def make_batch(rows, padding_side: str, image_token_id: int, vocab: int, p: int 
     n = sum(h * w for h, w in grids)
     pixel_values = torch.randn(n, 3 * p * p, generator=g)
     image_grid_hw = torch.tensor(grids, dtype=torch.long).reshape(-1, 2)
-    return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_grid_hw=image_grid_hw)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                image_grid_hw=image_grid_hw)
 
 
 ROWS = [
