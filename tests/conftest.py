@@ -66,17 +66,18 @@ def teacher_dir(tmp_path_factory):
     return save_teacher(tmp_path_factory.mktemp("tiny_teacher") / "clip")
 
 
-@pytest.fixture(scope="session")
-def deepspeed_ops():
-    """DeepSpeed's CPU ops (gloo shared-memory comm, CPU Adam) built before any timed training subprocess uses them.
+@pytest.fixture(scope="session", autouse=True)
+def deepspeed_ops(request):
+    """DeepSpeed's CPU ops (gloo shared-memory comm, CPU Adam) built before the first test when end-to-end tests
+    (the ones that train in subprocesses) are selected, so that no timed subprocess includes a compile.
 
-    scripts/install.sh builds them into .venv/torch_extensions, and then this only loads them (a second). In an
+    scripts/install.sh builds them into .venv/torch_extensions, and then this only loads them (seconds). In an
     environment made otherwise (`pip install -e .[test]`) the first run would compile them — minutes on a busy
-    machine — inside a subprocess timeout; here it happens once, untimed, into the same cache the subprocesses use.
+    machine — inside a subprocess timeout; here it happens once, untimed, into the cache the subprocesses use.
     """
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() or not any(item.get_closest_marker("e2e") for item in request.session.items):
         return  # as scripts/install.sh: on a GPU machine DeepSpeed builds and loads its CUDA ops itself
-    from deepspeed.accelerator import get_accelerator  # heavy: only the e2e tests that train need it
+    from deepspeed.accelerator import get_accelerator  # heavy: only end-to-end runs need it
 
     for name in ("ShareMemCommBuilder", "CPUAdamBuilder"):
         builder = get_accelerator().create_op_builder(name)

@@ -311,6 +311,7 @@ def _allowed_imports(path):
     return mods
 
 
+@pytest.mark.e2e
 def test_processor_save_load_round_trip(proc, tmp_path):
     import subprocess
     import sys

@@ -271,6 +271,7 @@ def test_several_seeds_print_their_spread_and_one_verdict():
                                                                                      "93–97"]
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(os.environ.get("VORA_SKIP_DEMO") == "1", reason="VORA_SKIP_DEMO=1")
 def test_fast_demo_learns_end_to_end(tmp_path):
     """The whole pipeline on the small budget: corpus → stand-ins → deepspeed stage 1 → vora-merge →

@@ -198,6 +198,7 @@ REMOTE = textwrap.dedent(
 )
 
 
+@pytest.mark.e2e
 def test_remote_code_in_a_fresh_interpreter_without_vora(world, models, processor, tmp_path):
     paths = []
     for i, im in enumerate(images()):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.e2e
 pytest.importorskip("lmms_eval")
 
 from examples.demo import corpus as demo_corpus  # noqa: E402

@@ -35,6 +35,8 @@ from tests.train_world import REPO, TINY, _base_overrides, _env, build_train_wor
 from tests.vora_world import make_batch
 from vora.checkpoint import load_trainable
 
+pytestmark = pytest.mark.e2e
+
 N_NEW = 8
 ADAPTED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -68,7 +70,6 @@ FRESH = textwrap.dedent(
                       "vora_loaded": any(m.split(".")[0] == "vora" for m in sys.modules)}))
     """
 )
-
 
 def serve_fresh(model_dir: Path, image: Path, tmp: Path) -> tuple[dict, dict]:
     """Load ``model_dir`` with trust_remote_code in a fresh interpreter without vora; chat-template prompt with
@@ -140,7 +141,7 @@ def assert_valid_vora_dir(d: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, deepspeed_ops):
+def world(tmp_path_factory):
     return build_train_world(tmp_path_factory.mktemp("train_world"))
 
 

@@ -46,6 +46,7 @@ torch.save({"logits": logits, "tokens": out, "flag": model.config.is_mm_prefix_l
 """
 
 
+@pytest.mark.e2e
 def test_merged_config_has_vllm_fields_and_transformers_load_is_unchanged(world, tmp_path):
     cfg = json.loads((world.merged_dir / "config.json").read_text())
     assert cfg["is_mm_prefix_lm"] is True
@@ -223,6 +224,7 @@ def test_entry_points_and_extras_are_declared():
     assert f"class {cls}(" in (ROOT / (module.replace(".", "/") + ".py")).read_text()
 
 
+@pytest.mark.e2e
 def test_vora_imports_without_the_engines():
     code = (
         "import sys, vora, merge_tools.merge, vora.integrations.serving, vora.integrations.vllm_plugin, "

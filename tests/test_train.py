@@ -4,7 +4,7 @@ text-only / image micro-batches (and a skipped sample), exact resume, checkpoint
 
 Everything is built locally in tmp dirs (tiny LLM + tokenizer, tiny CLIP teacher, PNGs + JSONL); nothing is
 downloaded (tests/train_world.py). DeepSpeed's CPU ops (shared-memory comm, CPU Adam) are built before any run
-(scripts/install.sh into .venv/torch_extensions, or the `deepspeed_ops` fixture), so no timed subprocess here
+(scripts/install.sh into .venv/torch_extensions, or the `deepspeed_ops` fixture of tests/conftest.py), so no timed subprocess here
 includes a compile.
 """
 
@@ -40,7 +40,7 @@ STEP_KEYS = ("loss", "grad_norm", "learning_rate", "lm_loss", "distill_loss", "d
 
 # ---------------------------------------------------------------------------------------------------- world
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, deepspeed_ops):
+def world(tmp_path_factory):
     return build_train_world(tmp_path_factory.mktemp("train_world"))
 
 
@@ -59,6 +59,7 @@ def zero2_run(world):
     return out, proc
 
 
+@pytest.mark.e2e
 def test_zero2_logs_checkpoints_and_artifacts(world, zero2_run):
     out, proc = zero2_run
     logs = step_logs(out)
@@ -82,6 +83,7 @@ def test_zero2_logs_checkpoints_and_artifacts(world, zero2_run):
     assert (out / "final" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.e2e
 def test_checkpoint_holds_trainable_weights_only(world, zero2_run):
     out, _ = zero2_run
     ck = out / "checkpoint-6"
@@ -114,6 +116,7 @@ def test_checkpoint_holds_trainable_weights_only(world, zero2_run):
     assert run["base_fingerprint"] == base_fingerprint(world / "llm")  # what vora-merge checks its --base against
 
 
+@pytest.mark.e2e
 def test_final_weights_load_with_vora_checkpoint(world, zero2_run):
     from vora.checkpoint import load_trainable
 
@@ -127,6 +130,7 @@ def test_final_weights_load_with_vora_checkpoint(world, zero2_run):
     assert adapter
 
 
+@pytest.mark.e2e
 def test_resume_is_exact_and_skips_without_loading(world, zero2_run):
     """4 steps + resume + 2 steps == 6 uninterrupted steps; the 8 samples of the first 4 steps are not loaded again."""
     out, _ = zero2_run
@@ -157,6 +161,7 @@ def two_procs_run(world):
     return two
 
 
+@pytest.mark.e2e
 def test_gradient_accumulation_and_two_processes_match(world, zero2_run, two_procs_run):
     """The same 4 steps as 1 process × 2 samples, as 1 process × 1 sample × 2 accumulation steps, and as 2 processes
     × 1 sample through the deepspeed launcher: LM loss is normalised over the step's tokens and distillation over
@@ -182,6 +187,7 @@ def test_gradient_accumulation_and_two_processes_match(world, zero2_run, two_pro
     assert len(list(ck.glob("global_step4/*optim_states.pt"))) == 2
 
 
+@pytest.mark.e2e
 def test_resume_on_another_number_of_ranks(world, zero2_run, two_procs_run):
     """ZeRO partitions the optimizer state by rank; a checkpoint written by 2 ranks resumes on 1 (and one written by
     1 on 2) through DeepSpeed's universal format, exactly: steps 5–6 equal the uninterrupted 1-rank run's, Adam's
@@ -209,6 +215,7 @@ def test_resume_on_another_number_of_ranks(world, zero2_run, two_procs_run):
     assert "train.per_device_train_batch_size" in proc.stderr and not (world / "resume_bad" / "checkpoint-6").exists()
 
 
+@pytest.mark.e2e
 def test_config_error_found_while_building_the_run_is_one_clear_line(world, tmp_path):
     """A resume target that is not a directory is found after the recipe loaded (inside train()): vora-train says
     which file and key, not a traceback from deep inside."""
@@ -220,6 +227,7 @@ def test_config_error_found_while_building_the_run_is_one_clear_line(world, tmp_
         proc.stderr[-3000:]
 
 
+@pytest.mark.e2e
 def test_zero3_two_processes_then_resume_on_one(world, zero2_run):
     """ZeRO-3 on 2 processes: every rank must call the same modules in the same order (DeepSpeed checks it), also
     when one rank's micro-batch is text-only or empty (the dummy image enters where real images do). Its losses
@@ -239,6 +247,7 @@ def test_zero3_two_processes_then_resume_on_one(world, zero2_run):
     assert_same_steps(ref, step_logs(resumed), [5, 6], keys=keys, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.e2e
 def test_zero3_offload_matches_and_logs_the_rate_it_used(world, zero2_run):
     """ds_configs/zero3_offload.json (DeepSpeed owns the optimizer, on the CPU): the same losses as ZeRO-2, and the
     logged learning rate is the one each update used (warm-up 0 → 5e-4 → 1e-3), not the next step's."""
@@ -253,6 +262,7 @@ def test_zero3_offload_matches_and_logs_the_rate_it_used(world, zero2_run):
                       rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.e2e
 def test_zero3_bf16_checkpointing_and_resume(world, zero2_run):
     """ZeRO-3 (LLM and teacher partitioned at load), bf16, gradient checkpointing: trains, gathers the trainable
     weights for the checkpoint, resumes exactly."""
@@ -277,6 +287,7 @@ def test_zero3_bf16_checkpointing_and_resume(world, zero2_run):
     assert_same_steps(logs, step_logs(resumed), [3], keys=("loss", "lm_loss", "distill_loss", "grad_norm"))
 
 
+@pytest.mark.e2e
 def test_stage2_full_finetune_saves_full_model_and_resumes(world):
     """Stage 2 from a merged VoRA checkpoint, no teacher, all LLM weights + patch embedding trainable; the plain
     torch path (no DeepSpeed: `vora-train` on one device), with evaluation."""
@@ -305,6 +316,7 @@ def test_stage2_full_finetune_saves_full_model_and_resumes(world):
     assert_same_steps(step_logs(out), step_logs(resumed), [3, 4], keys=("loss", "grad_norm"))
 
 
+@pytest.mark.e2e
 def test_stage2_full_finetune_under_zero2_stores_the_model_once(world):
     """Full fine-tuning under ZeRO-2: the checkpoint's model lives in model.safetensors only (DeepSpeed's model
     states carry no copy), and resuming from it is exact."""
@@ -358,6 +370,7 @@ def test_stage2_trainable_sets(world, tmp_path, spec):
         assert not llm
 
 
+@pytest.mark.e2e
 def test_resume_loads_strictly(world, zero2_run, tmp_path):
     """Missing or unexpected keys in a checkpoint are named; nothing is loaded with strict=False."""
     from safetensors.torch import load_file, save_file

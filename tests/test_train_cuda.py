@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.e2e]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, deepspeed_ops):
+def world(tmp_path_factory):
     return build_train_world(tmp_path_factory.mktemp("train_world"))
 
 

@@ -1,8 +1,8 @@
 """The training world of the end-to-end training tests, built locally (nothing downloaded), and the helpers that run
 `vora.train.main` on it in a fresh interpreter (one process, DeepSpeed without a launcher) and read its logs.
 
-DeepSpeed's CPU ops are built before any run (scripts/install.sh, or the `deepspeed_ops` fixture of
-tests/conftest.py), so no timed subprocess here includes a compile.
+DeepSpeed's CPU ops are built before any run (scripts/install.sh, and the `deepspeed_ops` fixture of
+tests/conftest.py for environments made otherwise), so no timed subprocess here includes a compile.
 """
 
 from __future__ import annotations
