@@ -4,8 +4,8 @@ text-only / image micro-batches (and a skipped sample), exact resume, checkpoint
 
 Everything is built locally in tmp dirs (tiny LLM + tokenizer, tiny CLIP teacher, PNGs + JSONL); nothing is
 downloaded (tests/train_world.py). DeepSpeed's CPU ops (shared-memory comm, CPU Adam) are built before any run
-(scripts/install.sh into .venv/torch_extensions, or the `deepspeed_ops` fixture of tests/conftest.py), so no timed subprocess here
-includes a compile.
+(scripts/install.sh into .venv/torch_extensions, or the `deepspeed_ops` fixture of tests/conftest.py), so no
+timed subprocess here includes a compile.
 """
 
 from __future__ import annotations
