@@ -22,6 +22,6 @@ def ruff_command() -> list[str]:
 
 
 def test_ruff_check_is_clean():
-    proc = subprocess.run([*ruff_command(), "check", "--no-cache", "."], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    cmd = [*ruff_command(), "check", "--no-cache", "--output-format", "concise", "."]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"ruff check found problems:\n{proc.stdout[-6000:]}{proc.stderr[-2000:]}"
