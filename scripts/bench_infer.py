@@ -39,28 +39,31 @@ def build(work: Path, args):
     from tests.helpers_data import build_tokenizer
     from vora import VoRAForCausalLM
     from vora.checkpoint import save_trainable
-    from vora.model.image_processing_vora import VoRAImageProcessor
     from vora.lora import add_lora
+    from vora.model.image_processing_vora import VoRAImageProcessor
     from vora.model.processing_vora import VoRAProcessor
 
     base = work / "base"
     tok = build_tokenizer(str(base), "chatml", with_image_token=True)
     cfg = Qwen2Config(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3 // 64 * 64,
-        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=max(1, args.hidden // 256),
+        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+        num_key_value_heads=max(1, args.hidden // 256),
         max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
     torch.manual_seed(0)
     llm = AutoModelForCausalLM.from_config(cfg)
     llm.save_pretrained(base)
     image_token_id = tok.convert_tokens_to_ids("<image>")
-    model = VoRAForCausalLM.from_llm(llm, image_token_id=image_token_id, patch_size=14, vision_embed_dim=256, position_grid=32)
+    model = VoRAForCausalLM.from_llm(llm, image_token_id=image_token_id, patch_size=14, vision_embed_dim=256,
+                                     position_grid=32)
     add_lora(model, num_layers=max(1, args.layers * 3 // 4), rank=64)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.01)
-    processor = VoRAProcessor(image_processor=VoRAImageProcessor(patch_size=14, min_pixels=56 * 56, max_pixels=448 * 448), tokenizer=tok)
+    processor = VoRAProcessor(image_processor=VoRAImageProcessor(patch_size=14, min_pixels=56 * 56,
+                                                                 max_pixels=448 * 448), tokenizer=tok)
     save_trainable(model, work / "checkpoint", base_llm=str(base), processor=processor)
     del model, llm
     merge(work / "checkpoint", work / "merged", dtype="float32", log=lambda m: None)
@@ -97,7 +100,8 @@ def main(argv=None):
         args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    default_dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="vora_bench_infer_"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -166,10 +170,12 @@ def main(argv=None):
                 "prefill_ms": statistics.median(r["ttft"]) * 1e3,
                 "decode_tok_s": args.batch / statistics.median(r["steps"]),
             }
-        print(f"device {args.device}, dtype {str(dtype).removeprefix('torch.')}, attention {args.attn}, torch threads {torch.get_num_threads()}")
+        print(f"device {args.device}, dtype {str(dtype).removeprefix('torch.')}, attention {args.attn}, "
+              f"torch threads {torch.get_num_threads()}")
         print(f"base LLM: {n_params['base'] / 1e6:.1f} M parameters; merged VoRA: {n_params['merged'] / 1e6:.1f} M "
               f"(+{(n_params['merged'] - n_params['base']) / 1e6:.2f} M patch embedding)")
-        print(f"prompt: {L} tokens per row ({n_img} image tokens + {args.text_tokens} text for the merged model; {L} text tokens for the base), "
+        print(f"prompt: {L} tokens per row ({n_img} image tokens + {args.text_tokens} text for the merged model; "
+              f"{L} text tokens for the base), "
               f"batch {args.batch}, {args.new_tokens} new tokens, {args.reps} interleaved repetitions (medians)")
         for name in ("base", "merged"):
             s = summary[name]
@@ -177,7 +183,8 @@ def main(argv=None):
         pr = summary["base"]["prefill_ms"] / summary["merged"]["prefill_ms"]
         dr = summary["merged"]["decode_tok_s"] / summary["base"]["decode_tok_s"]
         print(f"ratios merged/base: prefill speed {pr:.3f}x, decode speed {dr:.3f}x (goal ≥ 0.98x)")
-        print(json.dumps({"prefill_speed_ratio": round(pr, 4), "decode_speed_ratio": round(dr, 4), **{f"{k}_{m}": round(v, 3) for k, s in summary.items() for m, v in s.items()}}))
+        print(json.dumps({"prefill_speed_ratio": round(pr, 4), "decode_speed_ratio": round(dr, 4),
+                          **{f"{k}_{m}": round(v, 3) for k, s in summary.items() for m, v in s.items()}}))
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

@@ -63,7 +63,8 @@ def build(work: Path, layers: int, hidden: int, vocab: int, shard_size: int, ran
     base.mkdir(parents=True)
     tok = build_tokenizer(str(base), "chatml", with_image_token=True)
     cfg = Qwen2Config(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.75) // 256 * 256, num_hidden_layers=layers,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.75) // 256 * 256,
+        num_hidden_layers=layers,
         num_attention_heads=hidden // 128, num_key_value_heads=max(1, hidden // 512), max_position_embeddings=4096,
         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0, dtype="bfloat16",
     )
@@ -86,23 +87,28 @@ def build(work: Path, layers: int, hidden: int, vocab: int, shard_size: int, ran
     for i, group in enumerate(groups):
         fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
         total += write_safetensors_streaming(
-            base / fname, group, lambda name, shapes=dict((n, s) for n, _, s in group): (torch.randn(shapes[name], generator=gen) * 0.02).to(torch.bfloat16)
+            base / fname, group,
+            lambda name, shapes=dict((n, s) for n, _, s in group): (
+                torch.randn(shapes[name], generator=gen) * 0.02).to(torch.bfloat16)
         )
         weight_map.update({n: fname for n, _, _ in group})
-    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                   "weight_map": weight_map}))
 
     # training checkpoint: peft-format adapter, patch embedding, configs
     ckpt = work / "checkpoint"
     ckpt.mkdir()
     image_token_id = tok.convert_tokens_to_ids("<image>")
-    vcfg = VoRAConfig(text_config=cfg, image_token_id=image_token_id, patch_size=14, vision_embed_dim=1024, position_grid=32)
+    vcfg = VoRAConfig(text_config=cfg, image_token_id=image_token_id, patch_size=14, vision_embed_dim=1024,
+                      position_grid=32)
     vcfg.save_pretrained(ckpt)
     lcfg = lora_config(lora_layers, rank)
     lcfg.save_pretrained(str(ckpt))
     adapter = {}
     for name, shape in required.items():
         parts = name.split(".")
-        if len(parts) > 3 and parts[1] == "layers" and int(parts[2]) < lora_layers and parts[-2] in lcfg.target_modules and parts[-1] == "weight":
+        if (len(parts) > 3 and parts[1] == "layers" and int(parts[2]) < lora_layers
+                and parts[-2] in lcfg.target_modules and parts[-1] == "weight"):
             module = name[: -len(".weight")]
             out_f, in_f = shape
             adapter[f"base_model.model.{module}.lora_A.weight"] = torch.randn(rank, in_f, generator=gen) * 0.01
@@ -143,7 +149,8 @@ def spot_check(info, merged: Path, rank: int) -> None:
     with safe_open(str(info["base"] / base_index[f"{key}.weight"]), "pt") as f:
         w = f.get_tensor(f"{key}.weight").float()
     with safe_open(str(info["ckpt"] / "adapter_model.safetensors"), "pt") as f:
-        a, b = f.get_tensor(f"base_model.model.{key}.lora_A.weight"), f.get_tensor(f"base_model.model.{key}.lora_B.weight")
+        a = f.get_tensor(f"base_model.model.{key}.lora_A.weight")
+        b = f.get_tensor(f"base_model.model.{key}.lora_B.weight")
     want = (w + b @ a).to(torch.bfloat16)  # lora_alpha = r: scale 1
     if not torch.equal(got, want):
         raise SystemExit(f"spot check failed for {key}: max |diff| {(got.float() - want.float()).abs().max()}")
@@ -177,7 +184,8 @@ def main(argv=None):
     work.mkdir(parents=True, exist_ok=True)
     try:
         t0 = time.time()
-        info = build(work, args.layers, args.hidden, args.vocab, parse_size(args.shard_size), args.rank, args.lora_layers)
+        info = build(work, args.layers, args.hidden, args.vocab, parse_size(args.shard_size), args.rank,
+                     args.lora_layers)
         build_s = time.time() - t0
         shard_sizes = sorted((f.stat().st_size for f in info["base"].glob("*.safetensors")), reverse=True)
         idle = run_measure("imports")
@@ -185,15 +193,19 @@ def main(argv=None):
         spot_check(info, work / "merged", args.rank)
         merged_bytes = sum(f.stat().st_size for f in (work / "merged").glob("*.safetensors"))
         mib = 1 / 1024
-        print(f"model: Qwen2 {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}: {info['params'] / 1e9:.3f} B parameters, "
-              f"{info['base_bytes'] / 2**30:.2f} GiB bf16 in {info['shards']} shards (largest {shard_sizes[0] / 2**20:.0f} MiB); built in {build_s:.0f} s")
-        print(f"adapter: rank {args.rank} on {args.lora_layers} blocks x 7 projections: {info['adapter_params'] / 1e6:.1f} M parameters, "
+        print(f"model: Qwen2 {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}: "
+              f"{info['params'] / 1e9:.3f} B parameters, {info['base_bytes'] / 2**30:.2f} GiB bf16 in {info['shards']} "
+              f"shards (largest {shard_sizes[0] / 2**20:.0f} MiB); built in {build_s:.0f} s")
+        print(f"adapter: rank {args.rank} on {args.lora_layers} blocks x 7 projections: "
+              f"{info['adapter_params'] / 1e6:.1f} M parameters, "
               f"{info['adapter_bytes'] / 2**20:.0f} MiB (fp32)")
         print(f"merged output: {merged_bytes / 2**30:.2f} GiB, --max-shard-size {args.out_shard_size}")
         print(f"peak RSS of the merge process: {res['peak_kib'] * mib:.0f} MiB "
-              f"(interpreter after imports: {idle['peak_kib'] * mib:.0f} MiB; merge adds {(res['peak_kib'] - idle['peak_kib']) * mib:.0f} MiB)")
+              f"(interpreter after imports: {idle['peak_kib'] * mib:.0f} MiB; "
+              f"merge adds {(res['peak_kib'] - idle['peak_kib']) * mib:.0f} MiB)")
         print(f"merge time: {res['merge_s']:.1f} s")
-        print(json.dumps({"params": info["params"], "base_bytes": info["base_bytes"], "largest_shard_bytes": shard_sizes[0],
+        print(json.dumps({"params": info["params"], "base_bytes": info["base_bytes"],
+                          "largest_shard_bytes": shard_sizes[0],
                           "adapter_bytes": info["adapter_bytes"], "peak_rss_mib": round(res["peak_kib"] * mib),
                           "import_rss_mib": round(idle["peak_kib"] * mib), "merge_s": round(res["merge_s"], 1)}))
     finally:

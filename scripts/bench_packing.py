@@ -193,7 +193,8 @@ def main(argv=None) -> int:
         rate[mode] = useful / t
         print(f"{mode:8} {rows:>6} {tokens:>8} {100 * useful / tokens:>8.1f}% {t:>9.3f} {rate[mode]:>13.0f}")
     print(f"packed / padded: {rate['packed'] / rate['padded']:.2f}x useful tokens per second")
-    extra = f"compiled graphs: {graphs_after_warmup} after warm-up, {counters['stats']['unique_graphs']} after all rounds"
+    extra = (f"compiled graphs: {graphs_after_warmup} after warm-up, "
+             f"{counters['stats']['unique_graphs']} after all rounds")
     if device.type == "cuda":
         extra += f"; peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
     print(extra)

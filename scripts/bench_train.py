@@ -44,10 +44,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vora import VoRAForCausalLM  # noqa: E402
 from vora import distill as vdistill  # noqa: E402
-from vora.model import modeling_vora  # noqa: E402
 from vora.collator import VoRACollator  # noqa: E402
 from vora.distill import VoRAForTraining, default_layer_map  # noqa: E402
 from vora.lora import add_lora  # noqa: E402
+from vora.model import modeling_vora  # noqa: E402
 from vora.teacher import Teacher  # noqa: E402
 
 
@@ -338,14 +338,14 @@ def step_flops(shape: Shape, batch: dict, image_token_id: int, with_teacher: boo
     flops += 3 * sum(4 * L * L * d_attn for L in seq_lens) * shape.layers
     flops += 4 * V * H * N
     if with_teacher:
-        I = int((batch["input_ids"] == image_token_id).sum())
+        n_image_tokens = int((batch["input_ids"] == image_token_id).sum())
         n_images = len(batch.get("image_grid_list") or ())
         D, T_ = shape.t_width, shape.t_layers
         t_tok = (shape.image // shape.patch) ** 2
         flops += 2 * (4 * D * D + 2 * D * shape.t_ffn) * T_ * t_tok * n_images + 4 * t_tok * t_tok * D * T_ * n_images
         p_embed = 3 * shape.patch**2 * D + D * H
         p_heads = (H * D) * min(shape.lora_layers, shape.layers)
-        flops += 6 * (p_embed + p_heads) * I
+        flops += 6 * (p_embed + p_heads) * n_image_tokens
     return float(flops)
 
 

@@ -16,7 +16,7 @@ run() { echo "+ $*"; "$@"; }
 {
   "$PY" -c "import torch; assert torch.cuda.is_available(); print(torch.__version__, torch.cuda.get_device_name())" || exit 2
   status=0
-  run "$PY" -m pytest -q -rs tests/test_cuda.py tests/test_train_cuda.py tests/test_host_syncs.py \
+  run "$PY" -m pytest -q -rs --all tests/test_cuda.py tests/test_train_cuda.py tests/test_host_syncs.py \
       tests/test_generation.py -k "cuda" || status=1
   run "$PY" scripts/bench_train.py --shape S || status=1
   run "$PY" scripts/bench_train.py --shape S --no-chunked-ce || status=1

@@ -14,6 +14,6 @@ if ! "$PY" -c "import vllm, torch, vora; assert torch.cuda.is_available()" 2>/de
 fi
 "$PY" -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 status=0
-PYTHONPATH=$PWD "$PY" -m pytest -q -rs tests/test_vllm_cpu.py tests/test_vllm_cuda.py || status=1
+PYTHONPATH=$PWD "$PY" -m pytest -q -rs --all tests/test_vllm_cpu.py tests/test_vllm_cuda.py || status=1
 PYTHONPATH=$PWD "$PY" scripts/bench_serve.py --prompts 64 --image-size 448 --new-tokens 128 || status=1
 exit $status

@@ -103,3 +103,18 @@ def write_jsonl(path: str, rows: list, raw_lines: dict[int, str] | None = None) 
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
+
+
+# A minimal valid recipe (its paths need not exist: recipe validation does not open them).
+MINIMAL_RECIPE = """
+model: {llm: /models/llm}
+lora: {layers: 2, rank: 4}
+data: {sources: [/data/a.jsonl, {path: /data/b.jsonl, weight: 2, image_root: /img}]}
+train: {output_dir: /out, learning_rate: 2e-4, warmup_steps: 100, lr_scheduler_type: constant_with_warmup}
+"""
+
+
+def write_recipe(tmp_path, text: str) -> str:
+    path = tmp_path / "x.yaml"
+    path.write_text(text)
+    return str(path)

@@ -4,7 +4,7 @@
   hub kernels and paged variants are refused at recipe validation, at `from_llm` / `from_pretrained` /
   `set_attn_implementation`, in `vora-generate`, and at run time in `build_attention_masks`.
 * The flex_attention fast path: our `BlockMask` (`vora.model.mask.flex_block_mask`, built at tile granularity) equals
-  the token-loop dense reference of tests/test_model.py, through the real flex kernel too.
+  the token-loop dense reference of tests/tiny.py, through the real flex kernel too.
 """
 
 import re
@@ -14,9 +14,9 @@ import torch
 from transformers import Qwen2Config
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-from tests.test_config import MINIMAL, write
-from tests.test_model import P, build, dense_reference_mask, make_batch, reference_logits
-from tests.tiny import IMAGE_TOKEN_ID, save_tiny_llm
+from tests.helpers_data import MINIMAL_RECIPE as MINIMAL
+from tests.helpers_data import write_recipe as write
+from tests.tiny import IMAGE_TOKEN_ID, P, build, dense_reference_mask, make_batch, reference_logits
 from vora import VoRAForCausalLM
 from vora.config import ConfigError, load_recipe
 from vora.model.mask import build_attention_masks, image_block_ids
@@ -25,9 +25,6 @@ MASK_DROPPING = ["flash_attention_2", "flash_attention_3", "kernels-community/fl
 REFUSED = "cannot express VoRA's attention mask"
 
 
-@pytest.fixture(scope="module")
-def llm_dir(tmp_path_factory):
-    return save_tiny_llm(str(tmp_path_factory.mktemp("attn") / "qwen2"), arch="qwen2")
 
 
 def one_image_row():

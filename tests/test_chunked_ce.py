@@ -6,72 +6,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.test_distill import MEAN, STD, save_teacher
-from tests.tiny import IMAGE_TOKEN_ID, VOCAB, save_tiny_llm
+from tests.tiny import IMAGE_TOKEN_ID
+from tests.tiny import TRAINING_P as P
+from tests.tiny import TRAINING_SAMPLES as SAMPLES
+from tests.tiny import build_for_training as build
 from vora import VoRAForCausalLM
 from vora.chunked_ce import chunked_lm_loss
 from vora.collator import VoRACollator
 from vora.distill import VoRAForTraining
-from vora.lora import add_lora
-from vora.teacher import Teacher
-
-P = 4
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("chunked_ce")
-    return {
-        "llm": save_tiny_llm(str(root / "llm"), arch="qwen2"),
-        "tied": save_tiny_llm(str(root / "tied"), arch="llama", tie=True),
-        "clip": save_teacher(root / "clip"),
-    }
-
-
-def build(llm_dir, teacher_dir=None, full_llm=False):
-    torch.manual_seed(0)
-    vora = VoRAForCausalLM.from_llm(llm_dir, image_token_id=IMAGE_TOKEN_ID, patch_size=P, vision_embed_dim=16,
-                                    position_grid=4, dtype=torch.float32)
-    if full_llm:
-        vora.language_model.requires_grad_(True)
-    else:
-        add_lora(vora, num_layers=2, rank=4)
-        with torch.no_grad():  # B ≠ 0, so LoRA A gets a gradient too
-            for n, p in vora.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.1)
-    teacher = Teacher.from_pretrained(teacher_dir, blocks=[1, 3]) if teacher_dir else None
-    pairs = [(1, 1), (2, 3)] if teacher else None
-    # A chunk of 5 rows: every batch below spans several chunks and a ragged last one.
-    return VoRAForTraining(vora, teacher, pairs, weight=0.7, image_mean=MEAN, image_std=STD, ce_chunk_size=5).train()
-
-
-def sample(items, seed):
-    """items: ints (that many text tokens, all labels) and (gh, gw) image grids → one dataset sample."""
-    g = torch.Generator().manual_seed(seed)
-    ids, labels, pixels, grids = [], [], [], []
-    for item in items:
-        if isinstance(item, int):
-            t = torch.randint(3, VOCAB, (item,), generator=g).tolist()
-            ids += t
-            labels += t
-        else:
-            n = item[0] * item[1]
-            ids += [IMAGE_TOKEN_ID] * n
-            labels += [-100] * n
-            pixels.append(torch.randn(n, 3 * P * P, generator=g))
-            grids.append(item)
-    out = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
-    if pixels:
-        out["pixel_values"] = torch.cat(pixels)
-        out["image_grid_hw"] = torch.tensor(grids)
-    return out
-
-
-SAMPLES = {
-    "images": [sample([3, (2, 3), 5], 0), sample([2, (3, 1), 4, (2, 2), 3], 1), sample([7], 2)],
-    "text": [sample([9], 3), sample([4], 4)],
-}
+def dirs(llm_dirs, teacher_dir):
+    return {"llm": llm_dirs["qwen2"], "tied": llm_dirs["llama_tied"], "clip": teacher_dir}
 
 
 def batch_for(kind, packing):

@@ -7,30 +7,19 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers_data import MINIMAL_RECIPE as MINIMAL
+from tests.helpers_data import write_recipe as write
 from vora.config import ConfigError, apply_overrides, load_recipe, load_yaml, parse_overrides, reference
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny_cpu.yaml"
 
 
-def write(tmp_path, text: str) -> str:
-    path = tmp_path / "x.yaml"
-    path.write_text(text)
-    return str(path)
-
-
-MINIMAL = """
-model: {llm: /models/llm}
-lora: {layers: 2, rank: 4}
-data: {sources: [/data/a.jsonl, {path: /data/b.jsonl, weight: 2, image_root: /img}]}
-train: {output_dir: /out, learning_rate: 2e-4, warmup_steps: 100, lr_scheduler_type: constant_with_warmup}
-"""
-
-
 def test_minimal_recipe_and_defaults(tmp_path):
     r = load_recipe(write(tmp_path, MINIMAL))
     assert r.stage == 1 and r.base == "/models/llm"
-    assert r.train["learning_rate"] == 2e-4 and isinstance(r.train["learning_rate"], float)  # YAML 1.1 would give '2e-4'
+    assert r.train["learning_rate"] == 2e-4 and isinstance(r.train["learning_rate"],
+                                                           float)  # YAML 1.1 would give '2e-4'
     assert r.trainable.llm == "lora" and r.trainable.patch_embed is True
     assert r.lora.targets == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert r.distill is None
@@ -40,10 +29,12 @@ def test_minimal_recipe_and_defaults(tmp_path):
 
 
 @pytest.mark.parametrize("text, overrides, message", [
-    (MINIMAL, ["train.learning_rat=1e-4"], "command line: train.learning_rat: unknown key (did you mean learning_rate?)"),
+    (MINIMAL, ["train.learning_rat=1e-4"],
+     "command line: train.learning_rat: unknown key (did you mean learning_rate?)"),
     (MINIMAL + "lorra: {rank: 3}\n", [], "x.yaml: lorra: unknown section (did you mean lora?)"),
     (MINIMAL.replace("rank: 4", "rnak: 4"), [], "x.yaml: lora.rnak: unknown key (did you mean rank?)"),
-    (MINIMAL, ["data.sources.1.imge_root=/x"], "command line: data.sources.1.imge_root: unknown key (did you mean image_root?)"),
+    (MINIMAL, ["data.sources.1.imge_root=/x"],
+     "command line: data.sources.1.imge_root: unknown key (did you mean image_root?)"),
     (MINIMAL, ["lora.rank=abc"], "command line: lora.rank: expected int, got a string ('abc')"),
     (MINIMAL, ["train.max_steps=2.5"], "command line: train.max_steps: expected int, got a number (2.5)"),
     (MINIMAL, ["train.bf16=maybe"], "command line: train.bf16: expected bool, got a string ('maybe')"),
@@ -56,15 +47,19 @@ def test_minimal_recipe_and_defaults(tmp_path):
     (MINIMAL, ["model.vora=/x"], "model.llm: set exactly one of model.llm"),
     (MINIMAL, ["trainable.llm=full"], "lora: a lora section with trainable.llm='full'"),
     (MINIMAL, ["lora=null", "trainable.llm=lora"], "trainable.llm: 'lora' needs a lora section"),
-    (MINIMAL, ["distill.backend=timm", "distill.teacher=/t.safetensors"], "distill.timm_model: required with backend 'timm'"),
-    (MINIMAL, ["distill.teacher=/t", "distill.num_blocks=2", "distill.layer_map=[[1, 2]]"], "set either distill.layer_map or distill.num_blocks"),
-    (MINIMAL, ["distill.teacher=/t", "distill.layer_map=[[1, 2, 3]]"], "distill.layer_map.0: expected [llm_block, vit_block]"),
+    (MINIMAL, ["distill.backend=timm", "distill.teacher=/t.safetensors"],
+     "distill.timm_model: required with backend 'timm'"),
+    (MINIMAL, ["distill.teacher=/t", "distill.num_blocks=2", "distill.layer_map=[[1, 2]]"],
+     "set either distill.layer_map or distill.num_blocks"),
+    (MINIMAL, ["distill.teacher=/t", "distill.layer_map=[[1, 2, 3]]"],
+     "distill.layer_map.0: expected [llm_block, vit_block]"),
     (MINIMAL, ["data.packing=true", "data.max_length=null"], "data.packing: packing needs data.max_length"),
     (MINIMAL, ["train.deepspeed=ds_configs/zero9.json"], "train.deepspeed: no such DeepSpeed config file"),
     (MINIMAL, ["train.remove_unused_columns=true"], "train.remove_unused_columns: must be False"),
     (MINIMAL, ["train.dataloader_num_workers=4"], "train.dataloader_num_workers: set data.num_workers instead"),
     (MINIMAL, ["data.sources.7.path=/x"], "command line: data.sources.7: index out of range"),
-    (MINIMAL, ["train.resume_from_checkpoint=3"], "train.resume_from_checkpoint: expected true, false, 'auto' or a checkpoint path"),
+    (MINIMAL, ["train.resume_from_checkpoint=3"],
+     "train.resume_from_checkpoint: expected true, false, 'auto' or a checkpoint path"),
     (MINIMAL, ["lora.rank"], "expected key.sub=value"),
     ("model: [1]\n", [], "x.yaml: model: expected a mapping"),
     ("- 1\n", [], "the recipe must be a mapping"),
@@ -76,10 +71,12 @@ def test_errors_name_file_and_key(tmp_path, text, overrides, message):
 
 
 def test_stage2_rules(tmp_path):
-    stage2 = MINIMAL.replace("model: {llm: /models/llm}", "model: {vora: /models/merged}").replace("lora: {layers: 2, rank: 4}\n", "")
+    stage2 = MINIMAL.replace("model: {llm: /models/llm}",
+                             "model: {vora: /models/merged}").replace("lora: {layers: 2, rank: 4}\n", "")
     r = load_recipe(write(tmp_path, stage2))
     assert r.stage == 2 and r.base == "/models/merged" and r.trainable.llm == "full"
-    r = load_recipe(write(tmp_path, stage2), ["trainable.llm=frozen", "trainable.patch_embed=true", "model.max_pixels=50176"])
+    r = load_recipe(write(tmp_path, stage2),
+                    ["trainable.llm=frozen", "trainable.patch_embed=true", "model.max_pixels=50176"])
     assert r.trainable.llm == "frozen" and r.model.max_pixels == 50176
     with pytest.raises(ConfigError, match="model.patch_size: comes from the VoRA checkpoint"):
         load_recipe(write(tmp_path, stage2), ["model.patch_size=16"])

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from tests.helpers_data import build_tokenizer, make_image, save_image, write_jsonl
+from tests.tiny import per_sample_loss_sums
 from vora.collator import IGNORE_INDEX, VoRACollator
 from vora.config import SourceSpec
 from vora.conversation import SampleError, encode_conversation
@@ -320,6 +321,7 @@ def _allowed_imports(path):
     return mods
 
 
+@pytest.mark.e2e
 def test_processor_save_load_round_trip(proc, tmp_path):
     import subprocess
     import sys
@@ -716,18 +718,6 @@ def text_llm_forward(model, batch):
     mask = block_causal_mask(batch["attention_mask"])
     add = torch.zeros(mask.shape, dtype=torch.float32).masked_fill(~mask, torch.finfo(torch.float32).min)
     return model(input_ids=batch["input_ids"], attention_mask=add, position_ids=batch.get("position_ids")).logits
-
-
-def per_sample_loss_sums(logits, labels, attention_mask):
-    """Sum of next-token CE per (row, segment), ordered by row then segment."""
-    lp = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="none",
-                         ignore_index=IGNORE_INDEX).view(labels.shape[0], -1)
-    seg = attention_mask[:, 1:]
-    out = []
-    for r in range(labels.shape[0]):
-        for s in range(1, int(attention_mask[r].max()) + 1):
-            out.append(lp[r][seg[r] == s].sum())
-    return torch.stack(out)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vora.config import load_recipe
 from examples.demo import corpus as C
 from examples.demo import pretrain as P
 from examples.demo import run as R
+from vora.config import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,8 @@ def test_corpus_is_llava_jsonl_with_text_only_rows_and_a_heldout_split(small_cor
     assert {r["attribute"] for r in held} == set(C.ATTRIBUTES)
     train_images = {r["image"] for r in image_rows}
     assert not train_images & {r["image"] for r in held}
-    vocab = {"colour": set(C.COLOURS), "shape": set(C.SHAPES), "count": set(C.COUNT_WORDS.values()), "size": set(C.SIZES)}
+    vocab = {"colour": set(C.COLOURS), "shape": set(C.SHAPES), "count": set(C.COUNT_WORDS.values()),
+             "size": set(C.SIZES)}
     for r in held:
         assert r["answer"] in vocab[r["attribute"]] and r["conversations"][1]["value"] == r["answer"]
 
@@ -68,7 +69,8 @@ def test_images_vary_in_size_and_aspect_ratio(small_corpus):
 
 
 def _file_hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_corpus_is_reused_and_byte_identical_for_a_seed(small_corpus, tmp_path):
@@ -116,7 +118,8 @@ def _check_caption(caption: str, label: dict) -> None:
     if label["count"] == 1:
         assert words[:4] == ["a", label["size"], label["colour"], label["shape"]], caption
     else:
-        assert words[:4] == [C.COUNT_WORDS[label["count"]], label["size"], label["colour"], label["shape"] + "s"], caption
+        assert words[:4] == [C.COUNT_WORDS[label["count"]], label["size"], label["colour"],
+                             label["shape"] + "s"], caption
     assert words[-1] == ".", caption
 
 
@@ -197,7 +200,8 @@ def test_a_stand_in_llm_that_cannot_answer_from_text_is_reported(tmp_path, monke
     corpus = tmp_path / "corpus"
     C.generate(str(corpus), n_train=8, n_heldout=2, seed=1, log=lambda m: None)
     # what seed 1 measured: every kind learned from text except shape
-    monkeypatch.setattr(P, "llm_text_accuracy", lambda *a, **k: {"colour": 1.0, "shape": 0.18, "count": 1.0, "size": 1.0})
+    monkeypatch.setattr(P, "llm_text_accuracy", lambda *a,
+                        **k: {"colour": 1.0, "shape": 0.18, "count": 1.0, "size": 1.0})
     logs = []
     P.pretrain_llm(str(tmp_path / "llm"), str(corpus), layers=1, hidden=32, steps=1, batch_size=2, log=logs.append)
     warning = [m for m in logs if "warning" in m]
@@ -263,9 +267,11 @@ def test_several_seeds_print_their_spread_and_one_verdict():
     ok, _ = R.verdict(good + [result(3, 0.899)], bars)
     assert not ok
     text = R.print_compare(good)
-    assert "VoRA (default) seed 1" in text and text.splitlines()[-1].split()[:4] == ["spread", "(min–max)", "99–99", "93–97"]
+    assert "VoRA (default) seed 1" in text and text.splitlines()[-1].split()[:4] == ["spread", "(min–max)", "99–99",
+                                                                                     "93–97"]
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(os.environ.get("VORA_SKIP_DEMO") == "1", reason="VORA_SKIP_DEMO=1")
 def test_fast_demo_learns_end_to_end(tmp_path):
     """The whole pipeline on the small budget: corpus → stand-ins → deepspeed stage 1 → vora-merge →
@@ -309,6 +315,7 @@ def test_compare_reuses_only_identical_finished_runs(tmp_path):
     assert R.reusable(tmp_path, v, fp) is None
     (tmp_path / "results").mkdir()
     (tmp_path / "merged" / "vora").mkdir(parents=True)
-    (tmp_path / "results" / "vora.json").write_text(json.dumps({"fingerprint": fp, "merged": str(tmp_path / "merged" / "vora")}))
+    (tmp_path / "results" / "vora.json").write_text(json.dumps({"fingerprint": fp,
+                                                                "merged": str(tmp_path / "merged" / "vora")}))
     assert R.reusable(tmp_path, v, fp) is not None
     assert R.reusable(tmp_path, v, R.fingerprint(tmp_path, v, preset, 300, 0)) is None

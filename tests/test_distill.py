@@ -1,7 +1,6 @@
 """Distillation: teachers load offline, losses equal a hand computation, text-only batches run every module; the
 trainer hands the step's label-token and image counts to the objective and never writes to the model."""
 
-import json
 
 import pytest
 import torch
@@ -10,47 +9,21 @@ from safetensors.torch import save_file
 from transformers import (
     BertConfig,
     BertModel,
-    CLIPVisionConfig,
     CLIPVisionModel,
-    Dinov2Config,
-    Dinov2Model,
-    SiglipVisionConfig,
-    SiglipVisionModel,
     TrainingArguments,
 )
 
-from tests.test_model import P, make_batch
-from tests.tiny import IMAGE_TOKEN_ID, save_tiny_llm
+from tests.tiny import IMAGE_TOKEN_ID, MEAN, STD, TEACHER_MEAN, TEACHER_STD, P, make_batch, save_teacher
 from vora import VoRAForCausalLM
 from vora.distill import VoRAForTraining, default_layer_map
 from vora.lora import add_lora
 from vora.teacher import Teacher, init_patch_embed_from_teacher
 from vora.trainer import VoRATrainer
 
-MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-TEACHER_MEAN, TEACHER_STD = (0.45, 0.45, 0.4), (0.27, 0.26, 0.28)
-
-
-def save_teacher(path, kind="clip", image_size=8, patch=2, width=16, layers=3):
-    torch.manual_seed(3)
-    common = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=2,
-                  image_size=image_size, patch_size=patch)
-    if kind == "clip":
-        model = CLIPVisionModel(CLIPVisionConfig(**common))
-    elif kind == "siglip":
-        model = SiglipVisionModel(SiglipVisionConfig(**common))
-    elif kind == "dinov2":
-        model = Dinov2Model(Dinov2Config(**common))
-    model.save_pretrained(path)
-    with open(f"{path}/preprocessor_config.json", "w") as f:
-        json.dump({"image_mean": TEACHER_MEAN, "image_std": TEACHER_STD}, f)
-    return str(path)
-
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distill")
-    return {"llm": save_tiny_llm(str(root / "llm"), arch="llama"), "clip": save_teacher(root / "clip")}
+def dirs(llm_dirs, teacher_dir):
+    return {"llm": llm_dirs["llama"], "clip": teacher_dir}
 
 
 def build(dirs, pairs=((1, 1), (2, 3)), weight=0.7):

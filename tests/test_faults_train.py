@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers_data import write_jsonl
-from tests.test_train import (  # noqa: F401  (world: a fixture)
+from tests.train_world import (
     REPO,
     TINY,
     _base_overrides,
@@ -35,12 +35,17 @@ from tests.test_train import (  # noqa: F401  (world: a fixture)
     _recipe,
     _trainer,
     assert_same_steps,
+    build_train_world,
     step_logs,
-    world,
 )
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 KEYS = ("loss", "lm_loss", "distill_loss", "grad_norm", "learning_rate")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_train_world(tmp_path_factory.mktemp("train_world"))
 
 
 def _no_launcher_env() -> dict:
@@ -81,6 +86,7 @@ def reference(world):
     return out, proc
 
 
+@pytest.mark.e2e
 def test_one_process_without_launcher_variables(reference):
     from vora.checkpoint import MANIFEST, validate_checkpoint
 
@@ -108,6 +114,7 @@ _t.VoRATrainer._save_optimizer_and_scheduler = _killing
 """
 
 
+@pytest.mark.e2e
 def test_kill9_while_saving_then_resume_is_exact(world, reference, tmp_path):
     """kill -9 in the middle of writing checkpoint-4: checkpoint-2 stays the newest, the half-written save is only
     a `.tmp-checkpoint-4-<run id>`, the dead run's lock is taken over, its temporary directory removed, and the
@@ -130,6 +137,7 @@ def test_kill9_while_saving_then_resume_is_exact(world, reference, tmp_path):
     assert_same_steps(step_logs(ref), step_logs(out), [3, 4, 5, 6], keys=KEYS)
 
 
+@pytest.mark.e2e
 def test_damaged_newest_checkpoint_auto_falls_back(world, reference, tmp_path):
     """A truncated safetensors file in the newest checkpoint: `auto` warns and resumes from the newest intact one
     (exactly); naming the damaged checkpoint explicitly is a one-line error naming the file."""
@@ -161,6 +169,7 @@ def lock_holder(out: Path):
         p.wait()
 
 
+@pytest.mark.e2e
 def test_second_run_on_a_busy_output_dir_is_refused(world, tmp_path):
     """While a run holds output_dir, another is refused at once — one process, and two ranks through the deepspeed
     launcher (rank 1 learns of the refusal, nothing hangs) — naming the holder; nothing of the holder's is touched.
@@ -184,6 +193,7 @@ def test_second_run_on_a_busy_output_dir_is_refused(world, tmp_path):
     lock.release()
 
 
+@pytest.mark.e2e
 def test_no_usable_sample_stops_before_any_checkpoint(world, tmp_path):
     """Every image missing: the run stops with the skip counts by reason (before the first checkpoint, no final/)
     instead of training 'successfully' at loss 0."""
@@ -308,6 +318,7 @@ def test_late_errors_are_one_line(world, tmp_path, capsys, case):
         assert (tmp_path / "file").read_text() == "mine"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case", ["truncated", "empty_run_file", "mixed"])
 def test_damaged_checkpoint_given_by_path_is_one_line(world, reference, tmp_path, capsys, case):
     """Truncated safetensors, a 0-byte vora_run.json, files of two runs: one line naming the file."""
@@ -330,6 +341,7 @@ def test_damaged_checkpoint_given_by_path_is_one_line(world, reference, tmp_path
         assert "come from different runs" in line
 
 
+@pytest.mark.e2e
 def test_auto_resume_with_every_checkpoint_damaged_is_an_error(world, reference, tmp_path):
     from vora.checkpoint import CheckpointError
     from vora.train import _resume_target

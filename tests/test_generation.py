@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -49,7 +48,8 @@ def reference_greedy(model, batch, n, eos_ids, pad_id, suppress=()):
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                           pixel_values=batch.get("pixel_values"), image_grid_hw=batch.get("image_grid_hw")).logits[:, -1]
+                           pixel_values=batch.get("pixel_values"),
+                           image_grid_hw=batch.get("image_grid_hw")).logits[:, -1]
         logits[:, list(suppress)] = float("-inf")
         nxt = torch.where(done, torch.full_like(ids[:, 0], pad_id), logits.argmax(-1))
         done |= torch.isin(nxt, torch.tensor(eos_ids, device=ids.device))
@@ -101,8 +101,10 @@ def test_the_image_matters_and_a_generated_image_token_does_not_break_decoding(w
                 scores[:, world.image_token_id] = 0
             return scores
 
-    out = model.generate(**batch, max_new_tokens=4, do_sample=False, logits_processor=LogitsProcessorList([ForceImageToken()]))
-    assert out[0, batch["input_ids"].shape[1] + 1] == world.image_token_id and out.shape[1] == batch["input_ids"].shape[1] + 4
+    out = model.generate(**batch, max_new_tokens=4, do_sample=False,
+                         logits_processor=LogitsProcessorList([ForceImageToken()]))
+    n_prompt = batch["input_ids"].shape[1]
+    assert out[0, n_prompt + 1] == world.image_token_id and out.shape[1] == n_prompt + 4
 
 
 def test_processor_route_with_several_images_and_left_padding(world, models, processor):
@@ -119,7 +121,8 @@ def test_processor_route_with_several_images_and_left_padding(world, models, pro
     single = processor(images=[imgs[0]], text=texts[0], return_tensors="pt")
     alone = model.generate(**single, max_new_tokens=N_NEW, do_sample=False)
     n_prompt = inputs["input_ids"].shape[1]
-    assert alone[0, single["input_ids"].shape[1]:].tolist() == out[0, n_prompt:].tolist()[: alone.shape[1] - single["input_ids"].shape[1]]
+    n_single = single["input_ids"].shape[1]
+    assert alone[0, n_single:].tolist() == out[0, n_prompt:].tolist()[: alone.shape[1] - n_single]
 
 
 def test_chat_template_route(world, models, processor):
@@ -127,7 +130,8 @@ def test_chat_template_route(world, models, processor):
     imgs = images()
     messages = [{"role": "user", "content": [{"type": "image", "image": imgs[0]}, {"type": "image", "image": imgs[2]},
                                              {"type": "text", "text": "Compare the two images."}]}]
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
     prompt = processor.tokenizer.decode(inputs["input_ids"][0])
     assert prompt.startswith("<|im_start|>") and prompt.rstrip().endswith("<|im_start|>assistant")
     assert int((inputs["input_ids"] == world.image_token_id).sum()) == int(inputs["image_grid_hw"].prod(-1).sum())
@@ -136,7 +140,8 @@ def test_chat_template_route(world, models, processor):
     torch.testing.assert_close(out, ref[:, : out.shape[1]], atol=0, rtol=0)
     # batched conversations, left padded
     conv2 = [{"role": "user", "content": [{"type": "text", "text": "Hello!"}]}]
-    batch = processor.apply_chat_template([messages, conv2], add_generation_prompt=True, tokenize=True, return_dict=True,
+    batch = processor.apply_chat_template([messages, conv2], add_generation_prompt=True, tokenize=True,
+                                          return_dict=True,
                                           return_tensors="pt", padding_side="left")
     outb = model.generate(**batch, max_new_tokens=N_NEW, do_sample=False)
     refb = reference_greedy(model, dict(batch), N_NEW, *gen_settings(model))
@@ -157,7 +162,8 @@ def test_sampling(world, models):
     new = a[:, batch["input_ids"].shape[1]:]
     assert ((new >= 0) & (new < world.vocab)).all()
     # top_k=1 sampling is greedy
-    torch.testing.assert_close(model.generate(**batch, max_new_tokens=N_NEW, do_sample=True, top_k=1), greedy, atol=0, rtol=0)
+    torch.testing.assert_close(model.generate(**batch, max_new_tokens=N_NEW, do_sample=True, top_k=1), greedy, atol=0,
+                               rtol=0)
 
 
 REMOTE = textwrap.dedent(
@@ -183,7 +189,8 @@ REMOTE = textwrap.dedent(
     model = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True).eval()
     proc = AutoProcessor.from_pretrained(d, trust_remote_code=True)
     imgs = [Image.open(p) for p in sys.argv[2:]]
-    inputs = proc(images=imgs, text=["<image>\\nDescribe the picture.", "<image><image>\\nWhat is the difference?"], return_tensors="pt")
+    inputs = proc(images=imgs, text=["<image>\\nDescribe the picture.", "<image><image>\\nWhat is the difference?"],
+                  return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     print(json.dumps({"model": type(model).__module__, "processor": type(proc).__module__,
                       "tokens": out.tolist(), "vora_loaded": any(m.split(".")[0] == "vora" for m in sys.modules)}))
@@ -191,6 +198,7 @@ REMOTE = textwrap.dedent(
 )
 
 
+@pytest.mark.e2e
 def test_remote_code_in_a_fresh_interpreter_without_vora(world, models, processor, tmp_path):
     paths = []
     for i, im in enumerate(images()):
@@ -209,7 +217,8 @@ def test_remote_code_in_a_fresh_interpreter_without_vora(world, models, processo
     from PIL import Image
 
     inputs = processor(images=[Image.open(p) for p in paths],
-                       text=["<image>\nDescribe the picture.", "<image><image>\nWhat is the difference?"], return_tensors="pt")
+                       text=["<image>\nDescribe the picture.",
+                             "<image><image>\nWhat is the difference?"], return_tensors="pt")
     want = models["sdpa"].generate(**inputs, max_new_tokens=8, do_sample=False)
     assert got["tokens"] == want.tolist()
 
@@ -235,16 +244,19 @@ def test_vora_generate_cli_streams(world, models, processor, tmp_path, capsys):
         generate_main(["--model", str(world.merged_dir), "--image", str(tmp_path / "nope.png"), "--prompt", "x"])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_cuda_cached_greedy_equals_reference(world, processor, attn):
-    model = AutoModelForCausalLM.from_pretrained(world.merged_dir, attn_implementation=attn, dtype=torch.float32).cuda().eval()
+    model = AutoModelForCausalLM.from_pretrained(world.merged_dir, attn_implementation=attn,
+                                                 dtype=torch.float32).cuda().eval()
     imgs = images()
-    inputs = processor(images=imgs, text=["<image>\nDescribe.", "<image><image>\nCompare."], return_tensors="pt").to("cuda")
+    inputs = processor(images=imgs, text=["<image>\nDescribe.", "<image><image>\nCompare."],
+                       return_tensors="pt").to("cuda")
     out = model.generate(**inputs, max_new_tokens=N_NEW, do_sample=False)
     ref = reference_greedy(model, dict(inputs), N_NEW, *gen_settings(model)[:2])
     assert out.tolist() == ref[:, : out.shape[1]].tolist()
-    bf16 = AutoModelForCausalLM.from_pretrained(world.merged_dir, attn_implementation=attn, dtype=torch.bfloat16).cuda().eval()
+    bf16 = AutoModelForCausalLM.from_pretrained(world.merged_dir, attn_implementation=attn,
+                                                dtype=torch.bfloat16).cuda().eval()
     inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
     out16 = bf16.generate(**inputs, max_new_tokens=N_NEW, do_sample=False)
     assert out16.shape == out.shape and (out16[:, inputs["input_ids"].shape[1]:] < world.vocab).all()

@@ -9,9 +9,17 @@ under `torch.cuda.set_sync_debug_mode("error")`.
 import pytest
 import torch
 
-from tests.test_chunked_ce import SAMPLES, P, build, dirs  # noqa: F401  (fixture)
 from tests.tiny import IMAGE_TOKEN_ID
+from tests.tiny import TRAINING_P as P
+from tests.tiny import TRAINING_SAMPLES as SAMPLES
+from tests.tiny import build_for_training as build
 from vora.collator import VoRACollator
+
+
+@pytest.fixture(scope="module")
+def dirs(llm_dirs, teacher_dir):
+    return {"llm": llm_dirs["qwen2"], "clip": teacher_dir}
+
 
 READS = ["item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy"]
 
@@ -49,7 +57,7 @@ SYNC_OPS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten
 
 
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
-def test_training_step_with_images_reads_nothing_back(dirs, count_reads, packing):  # noqa: F811
+def test_training_step_with_images_reads_nothing_back(dirs, count_reads, packing):
     model = build(dirs["llm"], dirs["clip"])
     batch = collate("images", packing)
     model(**batch).loss.backward()  # warm-up: lazy initialisation is not the hot path
@@ -62,7 +70,7 @@ def test_training_step_with_images_reads_nothing_back(dirs, count_reads, packing
     assert ops == [], f"ops that sync on CUDA in a training step (forward or backward): {ops}"
 
 
-def test_hand_built_batch_still_checks_placeholders_on_the_device(dirs, count_reads):  # noqa: F811
+def test_hand_built_batch_still_checks_placeholders_on_the_device(dirs, count_reads):
     """Without the collator's host geometry the model reads the grid back and checks the placeholder count (the
     user-facing guard): the pinned count shows that path is the only one that syncs."""
     model = build(dirs["llm"], dirs["clip"])
@@ -86,8 +94,8 @@ def test_collator_checks_placeholders_on_the_cpu():
     assert "image_grid_list" not in VoRACollator(0, patch_size=P)([s])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_training_step_does_not_sync_on_cuda(dirs):  # noqa: F811
+@pytest.mark.gpu
+def test_training_step_does_not_sync_on_cuda(dirs):
     model = build(dirs["llm"], dirs["clip"]).cuda()
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in collate("images").items()}
     model(**batch).loss.backward()

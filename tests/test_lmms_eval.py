@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.e2e
 pytest.importorskip("lmms_eval")
 
-from tests.vora_world import build_world  # noqa: E402
 from examples.demo import corpus as demo_corpus  # noqa: E402
 from examples.demo import evaluate as demo_eval  # noqa: E402
 from examples.demo.export_lmms_task import main  # noqa: E402
+from tests.vora_world import build_world  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

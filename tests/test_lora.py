@@ -4,20 +4,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.test_model import P, ROWS, make_batch
-from tests.tiny import IMAGE_TOKEN_ID, save_tiny_llm
+from tests.tiny import IMAGE_TOKEN_ID, ROWS, P, make_batch
 from vora import VoRAForCausalLM
 from vora.lora import add_lora, merge_lora, parameter_groups
 
 
-@pytest.fixture(scope="module")
-def llm_dir(tmp_path_factory):
-    return save_tiny_llm(str(tmp_path_factory.mktemp("llm") / "qwen2"), arch="qwen2")
-
-
 def vora(llm_dir):
     torch.manual_seed(0)
-    return VoRAForCausalLM.from_llm(llm_dir, image_token_id=IMAGE_TOKEN_ID, patch_size=P, vision_embed_dim=16, position_grid=4, dtype=torch.float32)
+    return VoRAForCausalLM.from_llm(llm_dir, image_token_id=IMAGE_TOKEN_ID, patch_size=P, vision_embed_dim=16,
+                                    position_grid=4, dtype=torch.float32)
 
 
 def test_step0_logits_equal_base_llm_on_text(llm_dir):
@@ -27,7 +22,8 @@ def test_step0_logits_equal_base_llm_on_text(llm_dir):
     model.eval()
     ids, mask, _, _ = make_batch([[9], [5]], "left")
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, base(input_ids=ids, attention_mask=mask).logits)
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
+                                   base(input_ids=ids, attention_mask=mask).logits)
 
 
 def test_lora_layout_scale_and_trainables(llm_dir):
@@ -37,12 +33,14 @@ def test_lora_layout_scale_and_trainables(llm_dir):
     lora_modules = {n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
     layers = sorted({int(n.split(".layers.")[1].split(".")[0]) for n in lora_modules})
     assert layers == [0, 1]
-    assert sorted({n.rsplit(".", 1)[-1] for n in lora_modules}) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert sorted({n.rsplit(".", 1)[-1] for n in lora_modules}) == sorted(["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                           "gate_proj", "up_proj", "down_proj"])
     for m in lora_modules.values():
         assert m.scaling["default"] == 1.0
         assert not any(p.abs().sum() for p in m.lora_B.parameters())  # B = 0: exact no-op
     # no new biases, no trainable base weight
-    non_lora = {n.replace("base_model.model.", "", 1).replace(".base_layer.", ".") for n, _ in model.named_parameters() if "lora_" not in n}
+    non_lora = {n.replace("base_model.model.", "",
+                          1).replace(".base_layer.", ".") for n, _ in model.named_parameters() if "lora_" not in n}
     assert non_lora == base_names
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert all("lora_" in n or n.startswith("vision_embed.") for n in trainable)

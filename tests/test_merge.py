@@ -80,9 +80,11 @@ def test_stock_names_shapes_and_parameter_count(world, merged):
     base = AutoModelForCausalLM.from_pretrained(world.llm_dir)
     lm = {k: tuple(v.shape) for k, v in merged.language_model.state_dict().items()}
     assert lm == {k: tuple(v.shape) for k, v in base.state_dict().items()}
-    file_keys = {k.removeprefix("language_model."): tuple(v.shape) for k, v in read_all(world.merged_dir).items() if k.startswith("language_model.")}
+    file_keys = {k.removeprefix("language_model."): tuple(v.shape) for k, v in read_all(world.merged_dir).items()
+                 if k.startswith("language_model.")}
     assert file_keys == {k: tuple(v.shape) for k, v in base_tensors(world.llm_dir).items()}
-    assert not any(".bias" in k for k in file_keys if "proj" in k and "q_proj" not in k and "k_proj" not in k and "v_proj" not in k)
+    assert not any(".bias" in k for k in file_keys
+                   if "proj" in k and "q_proj" not in k and "k_proj" not in k and "v_proj" not in k)
     n_base = sum(p.numel() for p in base.parameters())
     n_patch = sum(p.numel() for p in merged.vision_embed.parameters())
     assert sum(p.numel() for p in merged.parameters()) == n_base + n_patch
@@ -150,7 +152,8 @@ def test_output_layout(world):
     index = json.loads((d / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) == world.summary["shards"] > 1
-    assert index["metadata"]["total_size"] == sum((d / s).stat().st_size for s in shards) - sum(header_bytes(d / s) for s in shards)
+    file_bytes = sum((d / s).stat().st_size for s in shards)
+    assert index["metadata"]["total_size"] == file_bytes - sum(header_bytes(d / s) for s in shards)
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["model_type"] == "vora" and cfg["architectures"] == ["VoRAForCausalLM"]
     assert set(cfg["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM", "AutoProcessor"}
@@ -227,7 +230,9 @@ Q = "base_model.model.model.layers.0.self_attn.q_proj"
 def test_refuses_adapter_shape_mismatch(world, tmp_path):
     ckpt = copy_ckpt(world, tmp_path)
     edit_adapter(ckpt, lambda t: t.update({f"{Q}.lora_A.weight": torch.zeros(8, 65)}))
-    assert_refused(world, tmp_path, r"shape mismatch for model\.layers\.0\.self_attn\.q_proj\.weight: base weight is \[64, 64\]", ckpt=ckpt)
+    assert_refused(world, tmp_path,
+                   r"shape mismatch for model\.layers\.0\.self_attn\.q_proj\.weight: base weight is \[64, 64\]",
+                   ckpt=ckpt)
 
 
 def test_refuses_adapter_keys_matching_no_base_weight(world, tmp_path):
@@ -244,7 +249,8 @@ def test_refuses_adapter_keys_matching_no_base_weight(world, tmp_path):
 def test_refuses_unknown_adapter_keys_and_half_pairs(world, tmp_path):
     ckpt = copy_ckpt(world, tmp_path)
     edit_adapter(ckpt, lambda t: t.update({"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(8, 4)}))
-    assert_refused(world, tmp_path, "unexpected adapter key 'base_model.model.model.embed_tokens.lora_embedding_A'", ckpt=ckpt)
+    assert_refused(world, tmp_path, "unexpected adapter key 'base_model.model.model.embed_tokens.lora_embedding_A'",
+                   ckpt=ckpt)
     shutil.rmtree(ckpt)
     ckpt = copy_ckpt(world, tmp_path)
     edit_adapter(ckpt, lambda t: t.pop(f"{Q}.lora_B.weight"))
@@ -259,7 +265,8 @@ def test_refuses_missing_and_unexpected_base_weights(world, tmp_path):
     assert_refused(world, tmp_path, r"unexpected keys \(1\): \['model\.extra\.weight'\]", base=base)
     shutil.rmtree(base)
     base = copy_base(world, tmp_path, lambda t: t.update({"model.norm.weight": torch.zeros(65)}))
-    assert_refused(world, tmp_path, r"shape mismatch for model\.norm\.weight: checkpoint has \[65\], model expects \[64\]", base=base)
+    assert_refused(world, tmp_path,
+                   r"shape mismatch for model\.norm\.weight: checkpoint has \[65\], model expects \[64\]", base=base)
 
 
 def test_refuses_a_different_base_llm(world, tmp_path):
@@ -315,7 +322,8 @@ def test_existing_output_overwrite_and_cleanup_on_failure(world, tmp_path, monke
 
 def test_cli_and_errors(world, tmp_path, capsys):
     out = tmp_path / "cli"
-    assert merge_mod.main([str(world.ckpt_dir), "--output", str(out), "--dtype", "bfloat16", "--max-shard-size", "100KB"]) == 0
+    assert merge_mod.main([str(world.ckpt_dir), "--output", str(out), "--dtype", "bfloat16", "--max-shard-size",
+                           "100KB"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["dtype"] == "bfloat16" and summary["shards"] > 1
     with pytest.raises(SystemExit, match="vora-merge: error: output .* already exists"):
@@ -333,7 +341,8 @@ def test_cli_and_errors(world, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------
 def test_checkpoint_files_and_strict_reload(world):
     d = world.ckpt_dir
-    for f in ("adapter_model.safetensors", "adapter_config.json", "vora_trainable.safetensors", "config.json", "vora_run.json"):
+    for f in ("adapter_model.safetensors", "adapter_config.json", "vora_trainable.safetensors", "config.json",
+              "vora_run.json"):
         assert (d / f).is_file(), f
     with safe_open(str(d / "vora_trainable.safetensors"), "pt") as f:
         keys = set(f.keys())

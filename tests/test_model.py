@@ -3,78 +3,9 @@
 import pytest
 import torch
 
-from tests.tiny import IMAGE_TOKEN_ID, VOCAB, save_tiny_llm
-from tests.vora_world import make_batch as world_make_batch
+from tests.tiny import IMAGE_TOKEN_ID, ROWS, P, build, make_batch, reference_logits
 from vora import VoRAConfig, VoRAForCausalLM
 from vora.model.mask import image_block_ids
-
-P = 2  # patch size
-
-
-def make_batch(rows, padding_side, seed=0):
-    """rows: list of lists of items, each an int (that many text tokens) or (h, w) (an image grid).
-    Returns input_ids, attention_mask, pixel_values, image_grid_hw built in the documented contract."""
-    b = world_make_batch(rows, padding_side, IMAGE_TOKEN_ID, VOCAB, p=P, seed=seed, low=3)
-    return b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_hw"]
-
-
-def dense_reference_mask(input_ids, attention_mask, image_grid_hw, bidirectional=True):
-    """Independent reference: Python loops over tokens, a boolean [B, 1, L, L] mask."""
-    B, L = input_ids.shape
-    sizes = [int(h * w) for h, w in image_grid_hw.tolist()]
-    image_of = [[-1] * L for _ in range(B)]
-    j, used = 0, 0
-    for b in range(B):
-        for t in range(L):
-            if int(input_ids[b, t]) == IMAGE_TOKEN_ID:
-                image_of[b][t] = j
-                used += 1
-                if used == sizes[j]:
-                    j, used = j + 1, 0
-    allowed = torch.zeros(B, 1, L, L, dtype=torch.bool)
-    for b in range(B):
-        for q in range(L):
-            for k in range(L):
-                seg_q, seg_k = int(attention_mask[b, q]), int(attention_mask[b, k])
-                if seg_q == 0 or seg_k == 0 or seg_q != seg_k:
-                    continue
-                same_image = bidirectional and image_of[b][q] >= 0 and image_of[b][q] == image_of[b][k]
-                allowed[b, 0, q, k] = k <= q or same_image
-    return allowed
-
-
-def reference_logits(model, input_ids, attention_mask, pixel_values, image_grid_hw, position_ids=None, bidirectional=True):
-    allowed = dense_reference_mask(input_ids, attention_mask, image_grid_hw, bidirectional)
-    embeds, _ = model.embed_inputs(input_ids, pixel_values, image_grid_hw)
-    float_mask = torch.zeros(allowed.shape, dtype=embeds.dtype).masked_fill(~allowed, torch.finfo(embeds.dtype).min)
-    previous = model.language_model.config._attn_implementation
-    model.language_model.set_attn_implementation("eager")
-    try:
-        out = model.language_model(inputs_embeds=embeds, attention_mask=float_mask, position_ids=position_ids)
-    finally:
-        model.language_model.set_attn_implementation(previous)
-    return out.logits
-
-
-ROWS = [
-    [3, (2, 2), (1, 3), 4],  # two touching images of different sizes: separate blocks
-    [7],  # text only
-    [2, (2, 3), 2, (1, 1), 1],  # two images, text between
-]
-
-
-@pytest.fixture(scope="module")
-def llm_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("llm")
-    return {arch: save_tiny_llm(str(root / arch), arch=arch) for arch in ("qwen2", "llama")}
-
-
-def build(path, attn="sdpa", mode="bidirectional"):
-    torch.manual_seed(1)
-    return VoRAForCausalLM.from_llm(
-        path, image_token_id=IMAGE_TOKEN_ID, attn_implementation=attn, patch_size=P,
-        vision_embed_dim=16, position_grid=4, attention_mode=mode, dtype=torch.float32,
-    ).eval()
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
@@ -88,7 +19,8 @@ def test_mask_matches_dense_reference(llm_dirs, arch, attn, padding_side):
     batch = make_batch(ROWS, padding_side)
     input_ids, attention_mask, pixel_values, image_grid_hw = batch
     with torch.no_grad():
-        got = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_grid_hw=image_grid_hw).logits
+        got = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                    image_grid_hw=image_grid_hw).logits
         want = reference_logits(model, *batch)
     valid = attention_mask.bool()
     torch.testing.assert_close(got[valid], want[valid], atol=1e-4, rtol=1e-4)
@@ -126,7 +58,8 @@ def test_packed_rows_match_dense_reference(llm_dirs, attn):
 
 
 def test_image_block_ids_keep_adjacent_images_apart():
-    ids = torch.tensor([[5, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, 5], [IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, 5, 5, 5]])
+    ids = torch.tensor([[5, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, 5],
+                        [IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, 5, 5, 5]])
     grid = torch.tensor([[1, 2], [1, 1], [2, 1]])
     assert image_block_ids(ids, IMAGE_TOKEN_ID, grid).tolist() == [[-1, 0, 0, 1, -1], [2, 2, -1, -1, -1]]
 
@@ -160,7 +93,8 @@ def test_placeholder_count_mismatch_is_a_clear_error(llm_dirs):
     input_ids, attention_mask, pixel_values, image_grid_hw = make_batch(ROWS, "right")
     with pytest.raises(ValueError, match="placeholders and images disagree"):
         # the last image (1x1) is missing from the images while its placeholder is in the text
-        model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values[:-1], image_grid_hw=image_grid_hw[:-1])
+        model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values[:-1],
+              image_grid_hw=image_grid_hw[:-1])
     with pytest.raises(ValueError, match="placeholders and images disagree"):
         model(input_ids=input_ids, attention_mask=attention_mask)
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import Qwen2Config
 
-from tests.helpers_data import make_image
-from tests.test_data import _proc, per_sample_loss_sums
+from tests.helpers_data import build_processor, make_image
+from tests.tiny import per_sample_loss_sums
 from vora import VoRAConfig, VoRAForCausalLM
 from vora.collator import VoRACollator
 from vora.conversation import encode_conversation
@@ -14,7 +14,7 @@ from vora.conversation import encode_conversation
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_image_samples_match_unpacked(tmp_path, attn):
-    proc = _proc(tmp_path, "chatml", patch_size=14, min_pixels=14 * 14, max_pixels=56 * 56)
+    proc = build_processor(tmp_path, "chatml", patch_size=14, min_pixels=14 * 14, max_pixels=56 * 56)
     rng = np.random.default_rng(0)
     samples = []
     for i in range(5):

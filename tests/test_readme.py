@@ -5,9 +5,7 @@ from pathlib import Path
 
 import torch
 
-from tests.test_distill import save_teacher
-from tests.test_model import make_batch
-from tests.tiny import IMAGE_TOKEN_ID, save_tiny_llm
+from tests.tiny import IMAGE_TOKEN_ID, make_batch, save_teacher, save_tiny_llm
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -39,7 +37,8 @@ def test_build_snippet_runs(tmp_path):
     exec(compile(code, str(README), "exec"), scope)
     trainable = scope["trainable"]
     input_ids, attention_mask, pixel_values, grid = make_batch([[2, (2, 3), 3]], "right")
-    out = trainable(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids.masked_fill(input_ids == IMAGE_TOKEN_ID, -100),
+    out = trainable(input_ids=input_ids, attention_mask=attention_mask,
+                    labels=input_ids.masked_fill(input_ids == IMAGE_TOKEN_ID, -100),
                     pixel_values=pixel_values, image_grid_hw=grid)
     out.loss.backward()
     assert torch.isfinite(out.loss) and set(out.logs(scope["pairs"])) >= {"lm_loss", "distill_loss", "distill_block_3"}

@@ -10,7 +10,7 @@ Stage 2 starts from that merged model, three runs at once: LoRA + patch embeddin
 only: no adapter), full fine-tuning (a full model: no merge). Each one is merged, or for full fine-tuning loaded
 as it is, and compared with the unmerged checkpoint.
 
-World, training subprocess and overrides: tests/test_train.py. Batches: tests/vora_world.py.
+World, training subprocess and overrides: tests/train_world.py. Batches: tests/vora_world.py.
 """
 
 from __future__ import annotations
@@ -31,9 +31,11 @@ from transformers import AutoModelForCausalLM, AutoProcessor, GenerationConfig
 
 import vora  # noqa: F401  (registers the Auto classes in this process)
 from merge_tools import merge as merge_mod
-from tests.test_train import REPO, TINY, _base_overrides, _env, run_main, step_logs, world  # noqa: F401  (world: fixture)
+from tests.train_world import REPO, TINY, _base_overrides, _env, build_train_world, run_main, step_logs
 from tests.vora_world import make_batch
 from vora.checkpoint import load_trainable
+
+pytestmark = pytest.mark.e2e
 
 N_NEW = 8
 ADAPTED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -69,7 +71,6 @@ FRESH = textwrap.dedent(
     """
 )
 
-
 def serve_fresh(model_dir: Path, image: Path, tmp: Path) -> tuple[dict, dict]:
     """Load ``model_dir`` with trust_remote_code in a fresh interpreter without vora; chat-template prompt with
     ``image``, forward + greedy generate. Returns (its printed summary, {inputs, logits, tokens})."""
@@ -82,7 +83,8 @@ def serve_fresh(model_dir: Path, image: Path, tmp: Path) -> tuple[dict, dict]:
                        cwd=tmp, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-4000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
-    assert summary["model"].startswith("transformers_modules.") and summary["processor"].startswith("transformers_modules.")
+    assert summary["model"].startswith("transformers_modules.")
+    assert summary["processor"].startswith("transformers_modules.")
     assert not summary["vora_loaded"]
     return summary, torch.load(out, weights_only=False)
 
@@ -101,7 +103,10 @@ def assert_same_as_unmerged(reference, inputs: dict, logits: torch.Tensor, token
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     directory = Path(directory)
     index = directory / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
     out = {}
     for f in files:
         out.update(load_file(str(directory / f)))
@@ -135,6 +140,11 @@ def assert_valid_vora_dir(d: Path) -> None:
     assert proc.image_token_id == cfg["image_token_id"] and proc.tokenizer.padding_side == "left"
 
 
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_train_world(tmp_path_factory.mktemp("train_world"))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny models: one intra-op thread is fastest, and on a shared 2-core machine several threads spin against
@@ -159,9 +169,11 @@ def start_stage2(world: Path, merged: Path, log: Path) -> tuple[subprocess.Popen
     common = {"model.llm": "null", "model.vora": str(merged), "distill": "null", "train.deepspeed": "null",
               "train.max_steps": 2, "train.save_steps": 2, "train.warmup_steps": 0}
     outs = {name: world / f"rt_s2_{name}" for name in STAGE2_RUNS}
-    argvs = [[str(TINY), *_base_overrides(world, outs[name], **{**common, **extra})] for name, extra in STAGE2_RUNS.items()]
+    argvs = [[str(TINY),
+              *_base_overrides(world, outs[name], **{**common, **extra})] for name, extra in STAGE2_RUNS.items()]
     code = "import json, sys; from vora.train import main\nfor argv in json.loads(sys.argv[1]):\n    main(argv)"
-    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(argvs)], cwd=REPO, env=_env(), stdout=open(log, "w"),
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(argvs)], cwd=REPO, env=_env(),
+                            stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, text=True)
     return proc, outs
 
@@ -205,8 +217,8 @@ def test_stage1_train_merge_serve_roundtrip(world, stage1, tmp_path):
     assert "<|im_start|>user\n<image>" in prompt and "What is in the image?<|im_end|>" in prompt
     inputs = got["inputs"]
     assert inputs["image_grid_hw"].shape[0] == 1
-    assert int((inputs["input_ids"] == json.loads((stage1.merged / "config.json").read_text())["image_token_id"]).sum()) \
-        == int(inputs["image_grid_hw"].prod(-1).sum())
+    image_token_id = json.loads((stage1.merged / "config.json").read_text())["image_token_id"]
+    assert int((inputs["input_ids"] == image_token_id).sum()) == int(inputs["image_grid_hw"].prod(-1).sum())
     unmerged, heads = load_trainable(stage1.ckpt)
     assert heads  # the distillation heads are in the checkpoint, not in the merged model
     assert_same_as_unmerged(unmerged, inputs, got["logits"], got["tokens"], stage1.merged)
@@ -241,7 +253,8 @@ def test_stage2_lora_merges_into_the_vora_base(world, stage1, stage2, tmp_path, 
     assert {k.split(".layers.")[1].split(".")[0] for k in lm_changed} == {"0", "1", "2"}
     assert all(k.rsplit(".", 2)[-2] in ADAPTED for k in lm_changed) and len(lm_changed) == 7 * 3
     trained = load_file(str(ckpt / "vora_trainable.safetensors"))
-    assert {k for k in changed if k.startswith("vision_embed.")} and all(torch.equal(got[k], trained[k]) for k in trained)
+    assert {k for k in changed if k.startswith("vision_embed.")}
+    assert all(torch.equal(got[k], trained[k]) for k in trained)
 
     # the merged model computes what the unmerged checkpoint computes (base = the stage-1 merged model)
     model = AutoModelForCausalLM.from_pretrained(merged).eval()

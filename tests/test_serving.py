@@ -16,11 +16,11 @@ from transformers import AutoModelForCausalLM, AutoProcessor, GenerationConfig
 import vora  # noqa: F401  (registers the Auto classes)
 from merge_tools.merge import inference_config
 from tests.helpers_data import make_image
-from tests.vora_world import P, ROWS, build_world, make_batch
+from tests.vora_world import ROWS, P, build_world, make_batch
 from vora import VoRAConfig, VoRAPatchEmbed
-from vora.model.image_processing_vora import VoRAImageProcessor
 from vora.integrations import serving
 from vora.integrations.serving import AttentionLayerInfo, ImageMaskError, check_image_mask
+from vora.model.image_processing_vora import VoRAImageProcessor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,6 +46,7 @@ torch.save({"logits": logits, "tokens": out, "flag": model.config.is_mm_prefix_l
 """
 
 
+@pytest.mark.e2e
 def test_merged_config_has_vllm_fields_and_transformers_load_is_unchanged(world, tmp_path):
     cfg = json.loads((world.merged_dir / "config.json").read_text())
     assert cfg["is_mm_prefix_lm"] is True
@@ -223,6 +224,7 @@ def test_entry_points_and_extras_are_declared():
     assert f"class {cls}(" in (ROOT / (module.replace(".", "/") + ".py")).read_text()
 
 
+@pytest.mark.e2e
 def test_vora_imports_without_the_engines():
     code = (
         "import sys, vora, merge_tools.merge, vora.integrations.serving, vora.integrations.vllm_plugin, "

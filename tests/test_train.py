@@ -3,16 +3,15 @@ MASTER_* set, distinct ports), two processes through the `deepspeed` launcher, g
 text-only / image micro-batches (and a skipped sample), exact resume, checkpoint contents, stage 2.
 
 Everything is built locally in tmp dirs (tiny LLM + tokenizer, tiny CLIP teacher, PNGs + JSONL); nothing is
-downloaded. DeepSpeed's CPU ops (shared-memory comm, CPU Adam) are built by scripts/install.sh into
-.venv/torch_extensions, so no timed subprocess here includes a compile.
+downloaded (tests/train_world.py). DeepSpeed's CPU ops (shared-memory comm, CPU Adam) are built before any run
+(scripts/install.sh into .venv/torch_extensions, or the `deepspeed_ops` fixture of tests/conftest.py), so no
+timed subprocess here includes a compile.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,129 +20,28 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.helpers_data import build_tokenizer, save_image, write_jsonl
-from tests.test_distill import save_teacher
+from tests.train_world import (
+    REPO,
+    TINY,
+    _base_overrides,
+    _env,
+    _free_port,
+    _recipe,
+    _trainer,
+    assert_same_steps,
+    build_train_world,
+    run_main,
+    step_logs,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny_cpu.yaml"
 STEP_KEYS = ("loss", "grad_norm", "learning_rate", "lm_loss", "distill_loss", "distill_block_1", "distill_block_2",
              "tokens_per_second", "images_per_second")
 
 
 # ---------------------------------------------------------------------------------------------------- world
-def _save_llm(path: Path, tok, seed=0):
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
-                      bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.2)
-    model.save_pretrained(path)
-
-
-def _save_merged(root: Path) -> Path:
-    """What vora-merge writes: a VoRA model (model_type vora) with its processor."""
-    from transformers import AutoTokenizer
-
-    from vora import VoRAForCausalLM
-    from vora.model.image_processing_vora import VoRAImageProcessor
-    from vora.model.processing_vora import VoRAProcessor
-
-    tok = AutoTokenizer.from_pretrained(root / "llm")
-    proc = VoRAProcessor(image_processor=VoRAImageProcessor(patch_size=2, min_pixels=16, max_pixels=64), tokenizer=tok)
-    torch.manual_seed(1)
-    model = VoRAForCausalLM.from_llm(str(root / "llm"), image_token_id=proc.image_token_id, patch_size=2,
-                                     vision_embed_dim=16, position_grid=4, min_pixels=16, max_pixels=64)
-    model.save_pretrained(root / "merged")
-    proc.save_pretrained(root / "merged")
-    return root / "merged"
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_world")
-    tok = build_tokenizer(str(root / "llm"), "chatml")
-    _save_llm(root / "llm", tok)
-    save_teacher(str(root / "teacher"))
-    rows = []
-    for i in range(16):
-        if i % 4 == 3:  # text-only samples: some micro-batches have no image at all
-            rows.append({"conversations": [{"from": "human", "value": f"Say hello {i}"},
-                                           {"from": "gpt", "value": "Hello! How are you today?"}]})
-        elif i == 5:  # a bad sample (missing image): skipped and counted, never replaced
-            rows.append({"image": "img/missing.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"},
-                                                                     {"from": "gpt", "value": "A dog."}]})
-        else:
-            h, w = [(8, 8), (10, 8), (12, 6), (6, 10)][i % 4]
-            save_image(str(root / "img" / f"{i}.png"), h=h, w=w, seed=i)
-            rows.append({"image": f"img/{i}.png", "conversations": [
-                {"from": "human", "value": "<image>\nWhat is in the image?"},
-                {"from": "gpt", "value": "A cat sitting on a red mat." if i % 2 else "Two dogs playing in the park."}]})
-    write_jsonl(str(root / "data.jsonl"), rows)
-    _save_merged(root)
-    return root
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(port=None, single=True):
-    env = dict(os.environ)
-    env.pop("PYTEST_CURRENT_TEST", None)
-    env.update(PYTHONPATH=os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p),
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    if single:
-        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port or _free_port()))
-    return env
-
-
-def _base_overrides(world: Path, out: Path, **extra) -> list[str]:
-    ov = {
-        "model.llm": str(world / "llm"), "distill.teacher": str(world / "teacher"),
-        "data.sources.0.path": str(world / "data.jsonl"), "data.cache_dir": str(world / "cache"),
-        "train.output_dir": str(out),
-    }
-    ov.update(extra)
-    return [f"{k}={v}" for k, v in ov.items()]
-
-
-def run_main(world: Path, out: Path, timeout=300, must_succeed=True, **extra) -> subprocess.CompletedProcess:
-    """`vora.train.main([...])` in a fresh interpreter, one process, DeepSpeed without a launcher."""
-    code = "import sys; from vora.train import main; sys.exit(main(sys.argv[1:]))"
-    cmd = [sys.executable, "-c", code, str(TINY), *_base_overrides(world, out, **extra)]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
-    if must_succeed:
-        assert proc.returncode == 0, f"training failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
-    return proc
-
-
-def step_logs(path: Path) -> dict[int, dict]:
-    """Per-step training logs from a trainer_state.json (or a run's output_dir: its last checkpoint)."""
-    path = Path(path)
-    if path.is_dir():
-        if not (path / "trainer_state.json").exists():
-            path = max(path.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        path = path / "trainer_state.json"
-    hist = json.loads(path.read_text())["log_history"]
-    return {h["step"]: h for h in hist if "loss" in h}
-
-
-def assert_same_steps(a: dict, b: dict, steps, keys=("loss", "lm_loss", "distill_loss", "grad_norm"), rtol=1e-6, atol=1e-6):
-    for s in steps:
-        for k in keys:
-            assert (k in a[s]) == (k in b[s]), f"step {s}: {k} logged in one run only"
-            if k not in a[s]:
-                continue
-            x, y = a[s][k], b[s][k]
-            assert abs(x - y) <= atol + rtol * abs(x), f"step {s} {k}: {x} vs {y}"
+    return build_train_world(tmp_path_factory.mktemp("train_world"))
 
 
 def safetensors_keys(path: Path) -> dict[str, tuple]:
@@ -156,17 +54,20 @@ def safetensors_keys(path: Path) -> dict[str, tuple]:
 def zero2_run(world):
     """6 steps, ZeRO-2, fp32, 2 samples per micro-batch, checkpoints every 2 steps (keep 2), TensorBoard on."""
     out = world / "zero2"
-    proc = run_main(world, out, **{"train.save_steps": 2, "train.save_total_limit": 2, "train.report_to": "tensorboard"})
+    proc = run_main(world, out,
+                    **{"train.save_steps": 2, "train.save_total_limit": 2, "train.report_to": "tensorboard"})
     return out, proc
 
 
+@pytest.mark.e2e
 def test_zero2_logs_checkpoints_and_artifacts(world, zero2_run):
     out, proc = zero2_run
     logs = step_logs(out)
     assert sorted(logs) == [1, 2, 3, 4, 5, 6]
     for rec in logs.values():
         with_images = rec["images_per_second"] > 0
-        assert set(STEP_KEYS) - (set() if with_images else {"distill_loss", "distill_block_1", "distill_block_2"}) <= set(rec), rec
+        assert set(STEP_KEYS) - (set() if with_images else {"distill_loss", "distill_block_1",
+                                                            "distill_block_2"}) <= set(rec), rec
         assert abs(rec["loss"] - (rec["lm_loss"] + rec.get("distill_loss", 0.0))) < 1e-4  # λ = 1
     assert any(rec.get("distill_loss", 0) > 0 for rec in logs.values())
     # trainable parameters printed by group; bad sample reported
@@ -182,12 +83,15 @@ def test_zero2_logs_checkpoints_and_artifacts(world, zero2_run):
     assert (out / "final" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.e2e
 def test_checkpoint_holds_trainable_weights_only(world, zero2_run):
     out, _ = zero2_run
     ck = out / "checkpoint-6"
     names = {p.name for p in ck.iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json", "vora_trainable.safetensors", "config.json", "vora_run.json",
-            "trainer_state.json", "rng_state.pth", "scheduler.pt", "latest", "tokenizer.json", "processor_config.json"} <= names
+    assert {"adapter_model.safetensors", "adapter_config.json", "vora_trainable.safetensors", "config.json",
+            "vora_run.json",
+            "trainer_state.json", "rng_state.pth", "scheduler.pt", "latest", "tokenizer.json",
+            "processor_config.json"} <= names
     adapter = safetensors_keys(ck / "adapter_model.safetensors")
     assert adapter and all("lora_A" in k or "lora_B" in k for k in adapter)
     assert {k.split(".layers.")[1].split(".")[0] for k in adapter} == {"0", "1"}  # lora.layers: 2
@@ -212,6 +116,7 @@ def test_checkpoint_holds_trainable_weights_only(world, zero2_run):
     assert run["base_fingerprint"] == base_fingerprint(world / "llm")  # what vora-merge checks its --base against
 
 
+@pytest.mark.e2e
 def test_final_weights_load_with_vora_checkpoint(world, zero2_run):
     from vora.checkpoint import load_trainable
 
@@ -225,13 +130,15 @@ def test_final_weights_load_with_vora_checkpoint(world, zero2_run):
     assert adapter
 
 
+@pytest.mark.e2e
 def test_resume_is_exact_and_skips_without_loading(world, zero2_run):
     """4 steps + resume + 2 steps == 6 uninterrupted steps; the 8 samples of the first 4 steps are not loaded again."""
     out, _ = zero2_run
     resumed = world / "zero2_resumed"
     run_main(world, resumed, **{"train.resume_from_checkpoint": str(out / "checkpoint-4"), "train.save_steps": 2})
     a, b = step_logs(out), step_logs(resumed)
-    assert_same_steps(a, b, [5, 6], keys=("loss", "lm_loss", "distill_loss", "distill_block_1", "grad_norm", "learning_rate"))
+    assert_same_steps(a, b, [5, 6],
+                      keys=("loss", "lm_loss", "distill_loss", "distill_block_1", "grad_norm", "learning_rate"))
     report = json.loads((resumed / "data_report.json").read_text())
     # 2 steps × 2 samples, plus the one batch the dataloader reads ahead; the skipped 4 steps were never decoded
     assert report["ok"] + report["skipped_total"] <= (2 + 1) * 2
@@ -254,13 +161,15 @@ def two_procs_run(world):
     return two
 
 
+@pytest.mark.e2e
 def test_gradient_accumulation_and_two_processes_match(world, zero2_run, two_procs_run):
     """The same 4 steps as 1 process × 2 samples, as 1 process × 1 sample × 2 accumulation steps, and as 2 processes
     × 1 sample through the deepspeed launcher: LM loss is normalised over the step's tokens and distillation over
     the step's images, so all three give the same losses and gradients (some micro-batches are text-only or empty)."""
     out, _ = zero2_run
     ga = world / "ga"
-    run_main(world, ga, **{"train.per_device_train_batch_size": 1, "train.gradient_accumulation_steps": 2, "train.max_steps": 4,
+    run_main(world, ga,
+             **{"train.per_device_train_batch_size": 1, "train.gradient_accumulation_steps": 2, "train.max_steps": 4,
                            "train.save_steps": 100})
     two = two_procs_run
     # the sampler's order (seed 0): some step pairs a text-only micro-batch with an image one
@@ -278,6 +187,7 @@ def test_gradient_accumulation_and_two_processes_match(world, zero2_run, two_pro
     assert len(list(ck.glob("global_step4/*optim_states.pt"))) == 2
 
 
+@pytest.mark.e2e
 def test_resume_on_another_number_of_ranks(world, zero2_run, two_procs_run):
     """ZeRO partitions the optimizer state by rank; a checkpoint written by 2 ranks resumes on 1 (and one written by
     1 on 2) through DeepSpeed's universal format, exactly: steps 5–6 equal the uninterrupted 1-rank run's, Adam's
@@ -305,16 +215,19 @@ def test_resume_on_another_number_of_ranks(world, zero2_run, two_procs_run):
     assert "train.per_device_train_batch_size" in proc.stderr and not (world / "resume_bad" / "checkpoint-6").exists()
 
 
+@pytest.mark.e2e
 def test_config_error_found_while_building_the_run_is_one_clear_line(world, tmp_path):
     """A resume target that is not a directory is found after the recipe loaded (inside train()): vora-train says
     which file and key, not a traceback from deep inside."""
-    proc = run_main(world, tmp_path / "out", must_succeed=False, **{"train.resume_from_checkpoint": str(tmp_path / "nope")})
+    proc = run_main(world, tmp_path / "out", must_succeed=False,
+                    **{"train.resume_from_checkpoint": str(tmp_path / "nope")})
     assert proc.returncode != 0
     assert f"vora-train: error: command line: train.resume_from_checkpoint: {tmp_path / 'nope'} is not a directory" \
         in proc.stderr, \
         proc.stderr[-3000:]
 
 
+@pytest.mark.e2e
 def test_zero3_two_processes_then_resume_on_one(world, zero2_run):
     """ZeRO-3 on 2 processes: every rank must call the same modules in the same order (DeepSpeed checks it), also
     when one rank's micro-batch is text-only or empty (the dummy image enters where real images do). Its losses
@@ -334,18 +247,22 @@ def test_zero3_two_processes_then_resume_on_one(world, zero2_run):
     assert_same_steps(ref, step_logs(resumed), [5, 6], keys=keys, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.e2e
 def test_zero3_offload_matches_and_logs_the_rate_it_used(world, zero2_run):
     """ds_configs/zero3_offload.json (DeepSpeed owns the optimizer, on the CPU): the same losses as ZeRO-2, and the
     logged learning rate is the one each update used (warm-up 0 → 5e-4 → 1e-3), not the next step's."""
     out, _ = zero2_run
     off = world / "zero3_offload"
-    run_main(world, off, **{"train.deepspeed": "ds_configs/zero3_offload.json", "train.max_steps": 3, "train.save_steps": 3})
+    run_main(world, off,
+             **{"train.deepspeed": "ds_configs/zero3_offload.json", "train.max_steps": 3, "train.save_steps": 3})
     logs = step_logs(off)
     assert [logs[s]["learning_rate"] for s in (1, 2, 3)] == [0.0, 5e-4, 1e-3]
-    assert_same_steps(step_logs(out), logs, [1, 2, 3], keys=("loss", "lm_loss", "distill_loss", "grad_norm", "learning_rate"),
+    assert_same_steps(step_logs(out), logs, [1, 2, 3],
+                      keys=("loss", "lm_loss", "distill_loss", "grad_norm", "learning_rate"),
                       rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.e2e
 def test_zero3_bf16_checkpointing_and_resume(world, zero2_run):
     """ZeRO-3 (LLM and teacher partitioned at load), bf16, gradient checkpointing: trains, gathers the trainable
     weights for the checkpoint, resumes exactly."""
@@ -363,12 +280,14 @@ def test_zero3_bf16_checkpointing_and_resume(world, zero2_run):
     ours = safetensors_keys(ck / "adapter_model.safetensors")
     theirs = safetensors_keys(out / "checkpoint-4" / "adapter_model.safetensors")
     assert ours == theirs  # full shapes, not ZeRO-3 partitions
-    assert safetensors_keys(ck / "vora_trainable.safetensors") == safetensors_keys(out / "checkpoint-4" / "vora_trainable.safetensors")
+    want = safetensors_keys(out / "checkpoint-4" / "vora_trainable.safetensors")
+    assert safetensors_keys(ck / "vora_trainable.safetensors") == want
     resumed = world / "zero3_resumed"
     run_main(world, resumed, **{**extra, "train.resume_from_checkpoint": str(ck)})
     assert_same_steps(logs, step_logs(resumed), [3], keys=("loss", "lm_loss", "distill_loss", "grad_norm"))
 
 
+@pytest.mark.e2e
 def test_stage2_full_finetune_saves_full_model_and_resumes(world):
     """Stage 2 from a merged VoRA checkpoint, no teacher, all LLM weights + patch embedding trainable; the plain
     torch path (no DeepSpeed: `vora-train` on one device), with evaluation."""
@@ -397,6 +316,7 @@ def test_stage2_full_finetune_saves_full_model_and_resumes(world):
     assert_same_steps(step_logs(out), step_logs(resumed), [3, 4], keys=("loss", "grad_norm"))
 
 
+@pytest.mark.e2e
 def test_stage2_full_finetune_under_zero2_stores_the_model_once(world):
     """Full fine-tuning under ZeRO-2: the checkpoint's model lives in model.safetensors only (DeepSpeed's model
     states carry no copy), and resuming from it is exact."""
@@ -410,27 +330,11 @@ def test_stage2_full_finetune_under_zero2_stores_the_model_once(world):
     assert states.stat().st_size < model_bytes / 10, (states.stat().st_size, model_bytes)
     resumed = world / "stage2_zero2_resumed"
     run_main(world, resumed, **{**extra, "train.resume_from_checkpoint": str(ck)})
-    assert_same_steps(step_logs(out), step_logs(resumed), [3, 4], keys=("loss", "lm_loss", "grad_norm", "learning_rate"))
+    assert_same_steps(step_logs(out), step_logs(resumed), [3, 4],
+                      keys=("loss", "lm_loss", "grad_norm", "learning_rate"))
 
 
 # ---------------------------------------------------------------------------------------------------- in process
-def _recipe(world, out, *extra):
-    from vora.config import load_recipe
-
-    return load_recipe(str(TINY), _base_overrides(world, out, **{"train.deepspeed": "null"}) + list(extra))
-
-
-def _trainer(recipe):
-    from vora.train import build_collator, build_datasets, build_model, build_training_arguments
-    from vora.trainer import VoRATrainer
-
-    args = build_training_arguments(recipe)
-    built = build_model(recipe, args)
-    train_ds, _ = build_datasets(recipe, built.processor)
-    return VoRATrainer(model=built.model, args=args, train_dataset=train_ds, data_collator=build_collator(recipe, built.processor),
-                       save_mode=built.save_mode, run_info=built.run_info, vora_processor=built.processor)
-
-
 def _trainable(model):
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
@@ -466,6 +370,7 @@ def test_stage2_trainable_sets(world, tmp_path, spec):
         assert not llm
 
 
+@pytest.mark.e2e
 def test_resume_loads_strictly(world, zero2_run, tmp_path):
     """Missing or unexpected keys in a checkpoint are named; nothing is loaded with strict=False."""
     from safetensors.torch import load_file, save_file
@@ -550,6 +455,7 @@ def test_resume_target(world, tmp_path):
         (out / f"checkpoint-{n}" / "trainer_state.json").write_text("{}")
     (out / ".tmp-checkpoint-20").mkdir()  # an interrupted save is never resumed from
     assert _resume_target(auto, str(out)) == str(out / "checkpoint-12")
-    assert _resume_target(_recipe(world, out, f"train.resume_from_checkpoint={out / 'checkpoint-3'}"), str(out)) == str(out / "checkpoint-3")
+    assert _resume_target(_recipe(world, out, f"train.resume_from_checkpoint={out / 'checkpoint-3'}"),
+                          str(out)) == str(out / "checkpoint-3")
     with pytest.raises(ConfigError, match="is not a directory"):
         _resume_target(_recipe(world, out, "train.resume_from_checkpoint=/nope"), str(out))

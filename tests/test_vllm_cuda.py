@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = [pytest.mark.gpu, pytest.mark.e2e]
 pytest.importorskip("vllm")
 
 from tests.helpers_data import make_image  # noqa: E402

@@ -15,7 +15,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
+from merge_tools.merge import merge
 from tests.helpers_data import build_tokenizer, make_image
+from vora import VoRAForCausalLM
+from vora.checkpoint import save_trainable
+from vora.lora import add_lora, merge_lora
+from vora.model.image_processing_vora import VoRAImageProcessor
+from vora.model.processing_vora import VoRAProcessor
 
 P = 4  # patch size
 LORA_LAYERS = 2
@@ -37,8 +43,6 @@ class World:
 
     def reference_merged(self):
         """peft's in-memory merge_and_unload of the unmerged model."""
-        from vora.lora import merge_lora
-
         model = copy.deepcopy(self.unmerged)
         merge_lora(model)
         return model.eval()
@@ -71,13 +75,6 @@ def save_llm(path: Path, arch: str, vocab: int, tokenizer=None, tie=False, seed=
 
 
 def build_world(root: Path, arch="qwen2", tie=False, merge_dtype="float32", max_shard_size="60KB", hidden=64) -> World:
-    from merge_tools.merge import merge
-    from vora import VoRAForCausalLM
-    from vora.checkpoint import save_trainable
-    from vora.model.image_processing_vora import VoRAImageProcessor
-    from vora.lora import add_lora
-    from vora.model.processing_vora import VoRAProcessor
-
     root = Path(root)
     tok = build_tokenizer(str(root / "tok"), "chatml", with_image_token=True)
     image_token_id = tok.convert_tokens_to_ids("<image>")
@@ -131,7 +128,8 @@ def make_batch(rows, padding_side: str, image_token_id: int, vocab: int, p: int 
     n = sum(h * w for h, w in grids)
     pixel_values = torch.randn(n, 3 * p * p, generator=g)
     image_grid_hw = torch.tensor(grids, dtype=torch.long).reshape(-1, 2)
-    return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_grid_hw=image_grid_hw)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                image_grid_hw=image_grid_hw)
 
 
 ROWS = [

@@ -90,7 +90,12 @@ class Scene:
 
     def caption(self) -> str:
         if self.count == 1:
-            where = "in the centre" if self.position == "centre" else f"at the {self.position}" if self.position in ("top", "bottom") else f"on the {self.position}"
+            if self.position == "centre":
+                where = "in the centre"
+            elif self.position in ("top", "bottom"):
+                where = f"at the {self.position}"
+            else:
+                where = f"on the {self.position}"
             return f"a {self.size} {self.colour} {self.shape} {where} ."
         return f"{COUNT_WORDS[self.count]} {self.size} {self.colour} {PLURAL[self.shape]} ."
 
@@ -128,7 +133,8 @@ def _background(rng: random.Random, w: int, h: int):
             t = np.linspace(0, 1, w)[None, :, None].repeat(h, 0)
         else:
             t = np.linspace(0, 1, h)[:, None, None].repeat(w, 1)
-        arr = np.asarray(c1, dtype=np.float32) + (np.asarray(c2, dtype=np.float32) - np.asarray(c1, dtype=np.float32)) * t
+        c1, c2 = np.asarray(c1, dtype=np.float32), np.asarray(c2, dtype=np.float32)
+        arr = c1 + (c2 - c1) * t
         img = Image.fromarray(arr.round().astype(np.uint8), "RGB")
     return img
 

@@ -31,7 +31,8 @@ def first_word(text: str) -> str:
 
 
 @torch.inference_mode()
-def answer(model, processor, corpus_dir: str, rows: list[dict], batch_size: int = 48, max_new_tokens: int = 3) -> list[str]:
+def answer(model, processor, corpus_dir: str, rows: list[dict], batch_size: int = 48,
+           max_new_tokens: int = 3) -> list[str]:
     """Greedy answers (decoded text) to the rows' questions, batched with left padding."""
     model.eval()
     out = []
@@ -40,9 +41,11 @@ def answer(model, processor, corpus_dir: str, rows: list[dict], batch_size: int 
         convs = []
         for r in chunk:
             img = Image.open(os.path.join(corpus_dir, r["image"])).convert("RGB")
-            convs.append([{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": r["question"]}]}])
+            convs.append([{"role": "user",
+                           "content": [{"type": "image", "image": img}, {"type": "text", "text": r["question"]}]}])
         inputs = processor.apply_chat_template(
-            convs, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", padding_side="left")
+            convs, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+            padding_side="left")
         inputs = {k: v.to(model.device) for k, v in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)

@@ -15,9 +15,9 @@ Needs only ``datasets`` (a vora dependency) to export; lmms-eval to run.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
-import inspect
 import sys
 import tempfile
 from pathlib import Path

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vora.model.processing_vora import CHATML_TEMPLATE
+
 from . import corpus as C
 
 # What the stand-in LLM must answer from text (a scene described in words) for VoRA to have something to build on
@@ -183,7 +184,8 @@ def pretrain_llm(path: str, corpus_dir: str, layers: int = 4, hidden: int = 128,
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=max(1, hidden // 32), num_key_value_heads=max(1, hidden // 64),
-        max_position_embeddings=1024, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        max_position_embeddings=1024, tie_word_embeddings=True, rope_parameters={"rope_type": "default",
+                                                                                 "rope_theta": 10000.0},
         bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
     model = AutoModelForCausalLM.from_config(cfg)
@@ -192,7 +194,8 @@ def pretrain_llm(path: str, corpus_dir: str, layers: int = 4, hidden: int = 128,
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     # warm-up, constant, linear decay over the last fifth (higher rates than 1e-3 were unstable here)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / 20, 1.0, max(0.05, (steps - s) / (0.2 * steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt,
+                                              lambda s: min((s + 1) / 20, 1.0, max(0.05, (steps - s) / (0.2 * steps))))
     model.train()
     batches = _llm_batches(tok, rng, captions, batch_size)
     for step in range(steps):
@@ -204,7 +207,8 @@ def pretrain_llm(path: str, corpus_dir: str, layers: int = 4, hidden: int = 128,
         sched.step()
         opt.zero_grad(set_to_none=True)
         if step % 100 == 0 or step == steps - 1:
-            log(f"llm: step {step:4d}  loss {loss.item():.3f}" + (f"  text answers: {_fmt(llm_text_accuracy(model.eval(), tok))}" if step and eval_every else ""))
+            answers = f"  text answers: {_fmt(llm_text_accuracy(model.eval(), tok))}" if step and eval_every else ""
+            log(f"llm: step {step:4d}  loss {loss.item():.3f}" + answers)
             model.train()
     model.eval()
     acc = llm_text_accuracy(model, tok)
@@ -259,7 +263,8 @@ def _load_images(corpus_dir: str, rows, size: int) -> torch.Tensor:
     mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
     arr = np.stack([
-        np.asarray(Image.open(os.path.join(corpus_dir, r["image"])).convert("RGB").resize((size, size), Image.Resampling.BICUBIC))
+        np.asarray(Image.open(os.path.join(corpus_dir, r["image"])).convert("RGB").resize((size, size),
+                                                                                          Image.Resampling.BICUBIC))
         for r in rows
     ])
     x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0
@@ -285,7 +290,8 @@ def pretrain_teacher(path: str, corpus_dir: str, layers: int = 4, width: int = 1
     x_train, y_train = _load_images(corpus_dir, train, image_size), _label_tensors(train)
     x_held, y_held = _load_images(corpus_dir, held, image_size), _label_tensors(held)
     cfg = CLIPVisionConfig(
-        hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=max(1, width // 32),
+        hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+        num_attention_heads=max(1, width // 32),
         image_size=image_size, patch_size=patch_size, num_channels=3, hidden_act="gelu", projection_dim=width,
     )
     vit = CLIPVisionModel(cfg)
@@ -320,7 +326,8 @@ def pretrain_teacher(path: str, corpus_dir: str, layers: int = 4, width: int = 1
     vit.save_pretrained(path)
     with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
         json.dump({
-            "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"height": image_size, "width": image_size},
+            "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"height": image_size,
+                                                                                      "width": image_size},
             "do_center_crop": False, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
             "image_mean": IMAGE_MEAN, "image_std": IMAGE_STD, "resample": 3,
         }, f, indent=1)

@@ -154,7 +154,8 @@ def run_logged(cmd: list[str], log_path: Path, on_line=None) -> None:
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(), cwd=str(REPO))
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(),
+                                cwd=str(REPO))
         for line in proc.stdout:
             log.write(line)
             if on_line is not None:
@@ -162,7 +163,8 @@ def run_logged(cmd: list[str], log_path: Path, on_line=None) -> None:
         rc = proc.wait()
     if rc != 0:
         tail = log_path.read_text().splitlines()[-40:]
-        raise StageError(f"`{' '.join(cmd[:6])} …` exited with status {rc}; last lines of {log_path}:\n    " + "\n    ".join(tail))
+        raise StageError(f"`{' '.join(cmd[:6])} …` exited with status {rc}; last lines of {log_path}:\n    "
+                         + "\n    ".join(tail))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,7 +180,8 @@ def prepare(out: Path, preset: dict, seed: int, clock: Clock) -> dict:
                       log=lambda m: say("  " + m))
     say(f"  ({clock.lap('corpus', t):.0f} s)")
     t = time.time()
-    P.pretrain_llm(str(out / "llm"), str(out / "corpus"), steps=preset["llm_steps"], seed=seed, log=lambda m: say("  " + m))
+    P.pretrain_llm(str(out / "llm"), str(out / "corpus"), steps=preset["llm_steps"], seed=seed,
+                   log=lambda m: say("  " + m))
     say(f"  ({clock.lap('stand-in LLM', t):.0f} s)")
     t = time.time()
     P.pretrain_teacher(str(out / "teacher"), str(out / "corpus"), steps=preset["teacher_steps"], seed=seed,
@@ -221,8 +224,10 @@ def train_stage1(out: Path, variant: Variant, preset: dict, steps: int, seed: in
         state["logs"] += 1
         step = state["logs"] * logging_steps
         if step % every == 0 or step == steps:
-            dist = f"  distill {float(rec['distill_loss']):.3f}" if "distill_loss" in rec and "distill=null" not in variant.overrides else ""
-            say(f"  step {step:4d}/{steps}  lm {float(rec.get('lm_loss', rec['loss'])):.3f}{dist}  ({time.time() - t:.0f} s)")
+            distilled = "distill_loss" in rec and "distill=null" not in variant.overrides
+            dist = f"  distill {float(rec['distill_loss']):.3f}" if distilled else ""
+            lm = float(rec.get("lm_loss", rec["loss"]))
+            say(f"  step {step:4d}/{steps}  lm {lm:.3f}{dist}  ({time.time() - t:.0f} s)")
 
     run_logged(cmd, out / "logs" / f"train_{variant.name}.log", on_line)
     dt = clock.lap(f"stage 1 ({variant.name})", t)
@@ -264,12 +269,14 @@ def learning_curve(run_dir: Path, corpus_dir: Path, n_questions: int, clock: Clo
 
     from vora.checkpoint import load_trainable
     from vora.model.processing_vora import VoRAProcessor
+
     from . import evaluate as E
 
     t = time.time()
     rows = E.load_heldout(str(corpus_dir), limit=n_questions, seed=1)
     points = []
-    ckpts = sorted((p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()), key=lambda p: int(p.name.split("-")[-1]))
+    ckpts = sorted((p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]))
     for ckpt in ckpts:
         model, _ = load_trainable(ckpt, dtype=torch.float32)
         processor = VoRAProcessor.from_pretrained(str(ckpt))
@@ -340,7 +347,8 @@ def check_bars(acc: dict, bars: dict) -> list[str]:
 def print_compare(results: list[dict]) -> str:
     """One row per result (a variant, or a variant and a seed: then labelled "… seed S"); with several seeds of a
     variant, a row with the spread (min–max) of its accuracies follows its seeds."""
-    head = f"{'variant':<26}" + "".join(f"{a:>8}" for a in ATTRS) + f"{'all':>8}{'LM loss':>9}{'distill':>9}{'→80 %':>8}{'train':>8}"
+    head = (f"{'variant':<26}" + "".join(f"{a:>8}" for a in ATTRS)
+            + f"{'all':>8}{'LM loss':>9}{'distill':>9}{'→80 %':>8}{'train':>8}")
     lines = [head, "-" * len(head)]
     by_label: dict[str, list[dict]] = {}
     for r in results:
@@ -352,7 +360,8 @@ def print_compare(results: list[dict]) -> str:
             s80 = r["steps_to_80"]
             name = label + (f" seed {r['seed']}" if len(group) > 1 else "")
             lines.append(
-                f"{name:<26}" + "".join(f"{100 * acc.get(a, 0):7.1f}%" for a in ATTRS) + f"{100 * acc.get('all', 0):7.1f}%"
+                f"{name:<26}" + "".join(f"{100 * acc.get(a, 0):7.1f}%" for a in ATTRS)
+                + f"{100 * acc.get('all', 0):7.1f}%"
                 + (f"{lm:9.3f}" if lm is not None else f"{'—':>9}") + (f"{dl:9.3f}" if dl is not None else f"{'—':>9}")
                 + (f"{s80:>8}" if s80 is not None else f"{'> ' + str(r['steps']):>8}") + f"{r['train_seconds']:7.0f}s"
             )
@@ -414,20 +423,24 @@ def run_variant(out: Path, variant: Variant, preset: dict, steps: int, seed: int
         say(f"\n[3–5] {variant.label}: reusing the finished run in {rel(out / 'results' / (variant.name + '.json'))} "
             "(same recipe, budget, seed and stand-ins)")
         return done
-    say(f"\n[3] VoRA stage 1 — {variant.label}: frozen LLM + LoRA + patch embedding" + ("" if "distill=null" in variant.overrides else ", distilled from the teacher"))
+    say(f"\n[3] VoRA stage 1 — {variant.label}: frozen LLM + LoRA + patch embedding"
+        + ("" if "distill=null" in variant.overrides else ", distilled from the teacher"))
     run_dir = train_stage1(out, variant, preset, steps, seed, clock)
     curve = learning_curve(run_dir, corpus_dir, preset["curve_questions"], clock)
     say(f"  held-out accuracy of the checkpoints ({preset['curve_questions']} questions, colour / shape): "
-        + ", ".join(f"{p['step']}: {100 * p['colour']:.1f}/{100 * p['shape']:.1f}" for p in curve))  # .1f: 79.5 is not 80
+        # .1f: 79.5 is not 80
+        + ", ".join(f"{p['step']}: {100 * p['colour']:.1f}/{100 * p['shape']:.1f}" for p in curve))
     say(f"\n[4] merge (LoRA folded into the LLM; teacher and heads dropped) — {variant.label}")
     merged = merge(out, run_dir, variant, clock)
     acc, rows, answers, cls = evaluate_merged(merged, corpus_dir, clock)
     bars = None if variant.ablation else preset["bars"]
     say(f"\n[5] held-out accuracy — {variant.label} — merged model ({cls.split('.')[-1]} via AutoModelForCausalLM, "
-        f"trust_remote_code) answering {len(rows)} questions about {len({r['image'] for r in rows})} unseen images with generate()")
+        f"trust_remote_code) answering {len(rows)} questions about {len({r['image'] for r in rows})} unseen images "
+        "with generate()")
     print_accuracy(acc, rows, bars)
     s80 = steps_to(curve)
-    say(f"  colour and shape both ≥ {100 * CURVE_TARGET:.0f} % at step: {s80 if s80 is not None else f'not within {steps}'}")
+    reached = s80 if s80 is not None else f"not within {steps}"
+    say(f"  colour and shape both ≥ {100 * CURVE_TARGET:.0f} % at step: {reached}")
     if samples:
         say("\n  sample answers:")
         print_samples(rows, answers)
@@ -436,10 +449,12 @@ def run_variant(out: Path, variant: Variant, preset: dict, steps: int, seed: int
     result = {
         "variant": variant.name, "label": variant.label, "overrides": variant.overrides, "steps": steps, "seed": seed,
         "heldout_questions": len(rows),
-        "fingerprint": fp, "accuracy": acc, "learning_curve": curve, "steps_to_80": s80, "final_losses": final_losses(run_dir),
+        "fingerprint": fp, "accuracy": acc, "learning_curve": curve, "steps_to_80": s80,
+        "final_losses": final_losses(run_dir),
         "train_seconds": clock.parts.get(f"stage 1 ({variant.name})", 0.0), "merged": str(merged),
         "loss_curve": str(png), "bars": bars, "failed_bars": check_bars(acc, bars) if bars else [],
-        "samples": [{"image": r["image"], "question": r["question"], "answer": a, "truth": r["answer"]} for r, a in list(zip(rows, answers))[:20]],
+        "samples": [{"image": r["image"], "question": r["question"], "answer": a,
+                     "truth": r["answer"]} for r, a in list(zip(rows, answers))[:20]],
     }
     (out / "results").mkdir(parents=True, exist_ok=True)
     with open(out / "results" / f"{variant.name}.json", "w") as f:
@@ -449,11 +464,15 @@ def run_variant(out: Path, variant: Variant, preset: dict, steps: int, seed: int
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="vora-demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=str(REPO / "demo_out"), help="working directory (default: demo_out/ in the repository)")
-    p.add_argument("--fast", action="store_true", help="small budget (~2–3 min): smaller corpus, fewer steps; bar colour ≥ 60 %%")
+    p.add_argument("--out", default=str(REPO / "demo_out"),
+                   help="working directory (default: demo_out/ in the repository)")
+    p.add_argument("--fast", action="store_true",
+                   help="small budget (~2–3 min): smaller corpus, fewer steps; bar colour ≥ 60 %%")
     p.add_argument("--no-distill", action="store_true", help="ablation: no teacher (LM loss only)")
-    p.add_argument("--attention", choices=["bidirectional", "causal"], default="bidirectional", help="attention inside image tokens")
-    p.add_argument("--lora-layers", type=int, default=None, metavar="K", help="ablation: LoRA on the first K blocks only")
+    p.add_argument("--attention", choices=["bidirectional", "causal"], default="bidirectional",
+                   help="attention inside image tokens")
+    p.add_argument("--lora-layers", type=int, default=None, metavar="K",
+                   help="ablation: LoRA on the first K blocks only")
     p.add_argument("--compare", action="store_true", help="run the default and the three ablations; print one table")
     p.add_argument("--compare-lora-layers", type=int, default=2, metavar="K", help="K used by --compare (default 2)")
     p.add_argument("--steps", type=int, default=None, help="stage-1 steps (default: 1000, --fast: 200)")
@@ -464,7 +483,8 @@ def parse_args(argv=None):
                    help="torch threads for every stage (default: torch's, one per core); sets OMP_NUM_THREADS=N")
     args = p.parse_args(argv)
     if args.compare and (args.no_distill or args.lora_layers is not None or args.attention != "bidirectional"):
-        p.error("--compare runs the ablations itself; do not combine it with --no-distill / --attention / --lora-layers")
+        p.error("--compare runs the ablations itself; "
+                "do not combine it with --no-distill / --attention / --lora-layers")
     if len(set(args.seed)) != len(args.seed):
         p.error(f"--seed: each seed once, got {' '.join(map(str, args.seed))}")
     if args.threads is not None and args.threads < 1:
@@ -548,7 +568,8 @@ def main(argv=None) -> int:
     if args.compare or len(args.seed) > 1:
         heldout = results[0]["heldout_questions"]
         say(f"\n[compare] same recipe and {steps} steps"
-            + (f", seeds {' '.join(map(str, args.seed))} (each its own corpus, stand-ins and training)" if len(args.seed) > 1
+            + (f", seeds {' '.join(map(str, args.seed))} (each its own corpus, stand-ins and training)"
+               if len(args.seed) > 1
                else ", same corpus and stand-ins")
             + f"; accuracy of the merged models on all {heldout} held-out questions; losses: mean of the last 50 "
             f"steps; →80 %: first checkpoint (every {preset['save_steps']} steps, {preset['curve_questions']} held-out "
