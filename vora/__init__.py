@@ -4,12 +4,11 @@ import sys
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoProcessor
 
+from .model import configuration_vora, image_processing_vora, mask, modeling_vora, processing_vora
 from .model.configuration_vora import VoRAConfig
 from .model.image_processing_vora import VoRAImageProcessor
 from .model.modeling_vora import VoRAForCausalLM, VoRAPatchEmbed
 from .model.processing_vora import VoRAProcessor
-
-from .model import configuration_vora, image_processing_vora, mask, modeling_vora, processing_vora
 
 __version__ = "0.1.0"
 

@@ -1,6 +1,6 @@
 """Training recipes: a YAML file (+ ``key.sub=value`` overrides) → validated, plain dataclasses.
 
-Sections (see docs/README_TRAINING.md for the full reference):
+Sections (README "Recipe reference" lists every key; ``vora-train --print-config`` prints them):
 
 * ``model``     — the LLM (stage 1: ``llm``) or a merged VoRA checkpoint (stage 2: ``vora``), patch embedding,
   image sizes, attention, dtype;
@@ -21,17 +21,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import enum
 import json
 import os
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import yaml
+from transformers import TrainingArguments
+
+from .model.mask import FLEX_BLOCK_SIZE, attn_implementation_problem
+from .typecheck import ConfigError, Where, build, check, describe, suggest
 
 __all__ = [
     "ConfigError", "Recipe", "ModelSection", "LoraSection", "DistillSection", "DataSection", "SourceSpec",
@@ -50,10 +52,6 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 }
 # `train` keys that are ours to set (the trainer needs these values): an explicit other value is an error.
 TRAIN_FORCED: dict[str, Any] = {"remove_unused_columns": False}
-
-
-class ConfigError(ValueError):
-    """A recipe that cannot be used: the message names the file (or command line) and the dotted key."""
 
 
 # ---------------------------------------------------------------------------------------------------- YAML
@@ -86,20 +84,30 @@ class ModelSection:
     llm: str | None = _doc("stage 1: the text LLM to give eyes (local directory or hub id)", default=None)
     vora: str | None = _doc("stage 2: a merged VoRA checkpoint (config.json with model_type 'vora')", default=None)
     tokenizer: str | None = _doc("tokenizer / processor location (default: model.llm or model.vora)", default=None)
-    patch_size: int | None = _doc("pixels per patch side (default: the teacher's, else 14; stage 2: from the checkpoint)", default=None)
-    vision_embed_dim: int | None = _doc("width of the patch embedding (default: the teacher's width, else 1024)", default=None)
-    position_grid: int | None = _doc("side of the learned position grid (default: the teacher's grid, else 32)", default=None)
+    patch_size: int | None = _doc(
+        "pixels per patch side (default: the teacher's, else 14; stage 2: from the checkpoint)", default=None
+    )
+    vision_embed_dim: int | None = _doc(
+        "width of the patch embedding (default: the teacher's width, else 1024)", default=None
+    )
+    position_grid: int | None = _doc(
+        "side of the learned position grid (default: the teacher's grid, else 32)", default=None
+    )
     min_pixels: int | None = _doc("smallest image area after resizing (default 3136 = 56²)", default=None)
     max_pixels: int | None = _doc("largest image area after resizing (default 200704 = 448²)", default=None)
     image_mean: list[float] | None = _doc("student pixel normalisation mean (default CLIP's)", default=None)
     image_std: list[float] | None = _doc("student pixel normalisation std (default CLIP's)", default=None)
-    attention_mode: Literal["bidirectional", "causal"] | None = _doc("attention inside image runs (default bidirectional)", default=None)
+    attention_mode: Literal["bidirectional", "causal"] | None = _doc(
+        "attention inside image runs (default bidirectional)", default=None
+    )
     attn_implementation: str | None = _doc(
-        "flex_attention (fast on CUDA) | sdpa | eager (default: transformers' choice, sdpa); kernels that drop the image "
-        "mask (flash_attention_*, hub kernels) are refused with bidirectional images or packing", default=None)
+        "flex_attention (fast on CUDA) | sdpa | eager (default: transformers' choice, sdpa); kernels that drop the "
+        "image mask (flash_attention_*, hub kernels) are refused with bidirectional images or packing", default=None)
     dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = _doc(
         "weights dtype at load (default: bfloat16 with train.bf16 under DeepSpeed, else float32)", default=None)
-    init_patch_embed_from_teacher: bool = _doc("copy the teacher's patch conv (and norm / positions) into the patch embedding", default=True)
+    init_patch_embed_from_teacher: bool = _doc(
+        "copy the teacher's patch conv (and norm / positions) into the patch embedding", default=True
+    )
     chunked_ce: bool = _doc(
         "LM loss from lm_head logits at label positions only, in chunks, never every position's full-vocabulary "
         "logits (false: transformers' own loss; same value)", default=True)
@@ -120,10 +128,16 @@ class DistillSection:
     backend: Literal["transformers", "timm"] = _doc("how to load the teacher", default="transformers")
     timm_model: str | None = _doc("timm architecture name (backend timm)", default=None)
     timm_kwargs: dict = _doc("extra timm.create_model kwargs (backend timm)", default_factory=dict)
-    num_blocks: int | None = _doc("distil the first K LLM blocks (default: lora.layers, else min(teacher depth, LLM depth))", default=None)
-    layer_map: list[list[int]] | None = _doc("explicit [[llm_block, vit_block], ...] pairs, 1-based (default: spread evenly)", default=None)
+    num_blocks: int | None = _doc(
+        "distil the first K LLM blocks (default: lora.layers, else min(teacher depth, LLM depth))", default=None
+    )
+    layer_map: list[list[int]] | None = _doc(
+        "explicit [[llm_block, vit_block], ...] pairs, 1-based (default: spread evenly)", default=None
+    )
     weight: float = _doc("λ: total = LM loss + λ · distillation loss", default=1.0)
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = _doc("teacher dtype (default: model dtype)", default=None)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = _doc(
+        "teacher dtype (default: model dtype)", default=None
+    )
 
     _required = ("teacher",)
 
@@ -131,6 +145,8 @@ class DistillSection:
 @dataclass
 class SourceSpec:
     """One data source: a ``data.sources`` entry of a recipe, and what ``VoRADataset`` reads."""
+
+    _shorthand = "path"  # a recipe may list a source as its path alone
 
     path: str = _doc("file, glob or directory", default=None)
     image_root: str | None = _doc("directory image paths are relative to (default: the file's directory)", default=None)
@@ -162,14 +178,18 @@ class SourceSpec:
 class DataSection:
     sources: list[SourceSpec] = _doc("training sources (a path or a {path, ...} mapping each)", default=None)
     eval_sources: list[SourceSpec] | None = _doc("evaluation sources (optional)", default=None)
-    max_length: int | None = _doc("tokens per sample (longer ones are truncated; with packing: per packed row)", default=2048)
+    max_length: int | None = _doc(
+        "tokens per sample (longer ones are truncated; with packing: per packed row)", default=2048
+    )
     packing: bool = _doc("pack the samples of a micro-batch into rows of max_length", default=False)
     pad_to_multiple_of: int | None = _doc(
         "round each batch's row length up to a multiple of this (default: 128 with model.attn_implementation "
         "flex_attention, so compiled kernels see few shapes; else none)", default=None)
     on_bad_sample: Literal["skip", "error"] = _doc("skip (count and report) or raise on a bad sample", default="skip")
     num_workers: int = _doc("DataLoader worker processes per rank", default=0)
-    cache_dir: str | None = _doc("Arrow cache for JSON sources (default $VORA_DATA_CACHE or ~/.cache/vora/data)", default=None)
+    cache_dir: str | None = _doc(
+        "Arrow cache for JSON sources (default $VORA_DATA_CACHE or ~/.cache/vora/data)", default=None
+    )
     max_skip_fraction: float = _doc(
         "stop the run when more than this fraction of the samples read is skipped (0..1; 1: never)", default=0.5)
 
@@ -178,7 +198,9 @@ class DataSection:
 
 @dataclass
 class TrainableSection:
-    llm: Literal["lora", "full", "frozen"] | None = _doc("LLM weights: LoRA only, all, or none (default: lora with a lora section, else full)", default=None)
+    llm: Literal["lora", "full", "frozen"] | None = _doc(
+        "LLM weights: LoRA only, all, or none (default: lora with a lora section, else full)", default=None
+    )
     patch_embed: bool = _doc("train the patch embedding", default=True)
 
 
@@ -197,7 +219,7 @@ class Recipe:
 
     def where(self, dotted: str) -> str:
         """``"<recipe file>: <dotted key>"``, or ``"command line: <dotted key>"`` when an override set it."""
-        return f"{_Ctx(self.source, self.overridden).where(dotted)}: {dotted}"
+        return f"{Where(self.source, self.overridden).where(dotted)}: {dotted}"
 
     @property
     def stage(self) -> int:
@@ -278,187 +300,24 @@ def _index(part: str, node: list, where: str) -> int:
     return idx
 
 
-# ---------------------------------------------------------------------------------------------------- validation
-class _Ctx:
-    def __init__(self, source: str, overridden: set[str]):
-        self.source = source
-        self.overridden = overridden
-
-    def where(self, dotted: str) -> str:
-        parts = dotted.split(".")
-        for i in range(len(parts), 0, -1):
-            if ".".join(parts[:i]) in self.overridden:
-                return "command line"
-        return self.source
-
-    def error(self, dotted: str, msg: str) -> ConfigError:
-        return ConfigError(f"{self.where(dotted)}: {dotted}: {msg}" if dotted else f"{self.source}: {msg}")
-
-
-def _suggest(name: str, choices) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
-
-
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        args = typing.get_args(tp)
-        return f"list of {_type_name(args[0])}" if args else "list"
-    if origin is dict:
-        return "mapping"
-    if tp is type(None):
-        return "null"
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return " | ".join(repr(m.value) for m in tp)
-    if dataclasses.is_dataclass(tp):
-        return "mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
-class _Mismatch(Exception):
-    pass
-
-
-def _coerce(value, tp, ctx: _Ctx, dotted: str):
-    """Check ``value`` against the annotation ``tp``; returns the (possibly converted) value."""
-    if tp is Any or tp is typing.Any:
-        return value
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise _Mismatch
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, ctx, dotted)
-            except _Mismatch:
-                continue
-            except ConfigError as e:  # a nested error is more precise than "expected X"
-                errors.append(e)
-        if errors:
-            raise errors[0]
-        raise _Mismatch
-    if value is None:
-        raise _Mismatch
-    if origin is Literal:
-        if value in typing.get_args(tp) and not isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if origin is list or tp is list:
-        if not isinstance(value, list):
-            raise _Mismatch
-        (item_tp,) = typing.get_args(tp) or (Any,)
-        return [_check(v, item_tp, ctx, f"{dotted}.{i}") for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise _Mismatch
-        return value
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        values = [m.value for m in tp]
-        if isinstance(value, str) and value in values:
-            return value
-        if isinstance(value, str):
-            raise ctx.error(dotted, f"{value!r} is not one of {values}{_suggest(value, values)}")
-        raise _Mismatch
-    if dataclasses.is_dataclass(tp):
-        if tp is SourceSpec and isinstance(value, str):
-            return SourceSpec(path=value)
-        if not isinstance(value, dict):
-            raise _Mismatch
-        return _build(tp, value, ctx, dotted)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-            return int(value)  # 1e5 → 100000
-        raise _Mismatch
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise _Mismatch
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _Mismatch
-    if isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-        raise _Mismatch
-    return value  # an annotation we do not model: accept
-
-
-def _check(value, tp, ctx: _Ctx, dotted: str):
-    try:
-        return _coerce(value, tp, ctx, dotted)
-    except _Mismatch:
-        raise ctx.error(dotted, f"expected {_type_name(tp)}, got {_describe(value)}") from None
-
-
-def _describe(value) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"a boolean ({str(value).lower()})"
-    if isinstance(value, (int, float)):
-        return f"a number ({value!r})"
-    if isinstance(value, str):
-        return f"a string ({value!r})"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return type(value).__name__
-
-
-def _build(cls, raw: dict, ctx: _Ctx, prefix: str):
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            raise ctx.error(dotted, f"unknown key{_suggest(str(key), names)}")
-        kwargs[key] = _check(value, hints[key], ctx, dotted)
-    for key in getattr(cls, "_required", ()):
-        if kwargs.get(key) is None:
-            raise ctx.error(f"{prefix}.{key}", "required key missing")
-    return cls(**kwargs)
-
-
 # ---------------------------------------------------------------------------------------------------- train
 def _training_arguments_fields() -> dict[str, Any]:
-    from transformers import TrainingArguments
-
     hints = typing.get_type_hints(TrainingArguments)
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(TrainingArguments) if f.init}
 
 
-def _check_train(raw: dict, ctx: _Ctx) -> dict:
+def _check_train(raw: dict, ctx: Where) -> dict:
     fields = _training_arguments_fields()
     out = {}
     for key, value in raw.items():
         dotted = f"train.{key}"
         if key not in fields:
-            raise ctx.error(dotted, f"unknown key{_suggest(str(key), fields)} (train takes TrainingArguments fields)")
+            raise ctx.error(dotted, f"unknown key{suggest(str(key), fields)} (train takes TrainingArguments fields)")
         if key == "resume_from_checkpoint":
             if value is None or isinstance(value, bool) or isinstance(value, str):
                 out[key] = value
                 continue
-            raise ctx.error(dotted, f"expected true, false, 'auto' or a checkpoint path, got {_describe(value)}")
+            raise ctx.error(dotted, f"expected true, false, 'auto' or a checkpoint path, got {describe(value)}")
         if key == "deepspeed" and isinstance(value, dict):
             out[key] = value
             continue
@@ -469,10 +328,11 @@ def _check_train(raw: dict, ctx: _Ctx) -> dict:
         if enums and isinstance(value, str):
             allowed = [m.value for e in enums for m in e]
             if value not in allowed:
-                raise ctx.error(dotted, f"{value!r} is not one of {allowed}{_suggest(value, allowed)}")
-        checked = _check(value, tp, ctx, dotted)
+                raise ctx.error(dotted, f"{value!r} is not one of {allowed}{suggest(value, allowed)}")
+        checked = check(value, tp, ctx, dotted)
         # keep ints as ints where TrainingArguments takes float (warmup_steps: 100 = steps, 0.03 = ratio)
-        out[key] = value if isinstance(value, int) and not isinstance(value, bool) and isinstance(checked, float) else checked
+        keep_int = isinstance(value, int) and not isinstance(value, bool) and isinstance(checked, float)
+        out[key] = value if keep_int else checked
     return out
 
 
@@ -494,7 +354,8 @@ def resolve_path(path: str, recipe_file: str | None = None, must_exist: bool = T
 
 
 # ---------------------------------------------------------------------------------------------------- load
-def load_recipe(path: str | None, overrides: list[str] | list[tuple[str, Any]] | None = None, raw: dict | None = None) -> Recipe:
+def load_recipe(path: str | None, overrides: list[str] | list[tuple[str, Any]] | None = None,
+                raw: dict | None = None) -> Recipe:
     """Read ``path`` (or take ``raw``), apply ``overrides`` and validate. Raises :class:`ConfigError`."""
     source = path or "<recipe>"
     if raw is None:
@@ -514,28 +375,30 @@ def load_recipe(path: str | None, overrides: list[str] | list[tuple[str, Any]] |
     if ov and isinstance(ov[0], str):
         ov = parse_overrides(list(ov))
     raw = apply_overrides(raw, ov)
-    ctx = _Ctx(source, {k for k, _ in ov})
+    ctx = Where(source, {k for k, _ in ov})
 
     for key in raw:
         if key not in SECTIONS:
-            raise ctx.error(str(key), f"unknown section{_suggest(str(key), SECTIONS)} (sections: {', '.join(SECTIONS)})")
+            raise ctx.error(str(key),
+                            f"unknown section{suggest(str(key), SECTIONS)} (sections: {', '.join(SECTIONS)})")
     for key, value in raw.items():
         if value is not None and not isinstance(value, dict):
-            raise ctx.error(key, f"expected a mapping, got {_describe(value)}")
+            raise ctx.error(key, f"expected a mapping, got {describe(value)}")
     for key in REQUIRED_SECTIONS:
         if raw.get(key) is None:
             raise ctx.error(key, "required section missing")
 
-    model = _build(ModelSection, raw["model"], ctx, "model")
-    data = _build(DataSection, raw["data"], ctx, "data")
-    lora = _build(LoraSection, raw["lora"], ctx, "lora") if raw.get("lora") is not None else None
-    distill = _build(DistillSection, raw["distill"], ctx, "distill") if raw.get("distill") is not None else None
-    trainable = _build(TrainableSection, raw.get("trainable") or {}, ctx, "trainable")
+    model = build(ModelSection, raw["model"], ctx, "model")
+    data = build(DataSection, raw["data"], ctx, "data")
+    lora = build(LoraSection, raw["lora"], ctx, "lora") if raw.get("lora") is not None else None
+    distill = build(DistillSection, raw["distill"], ctx, "distill") if raw.get("distill") is not None else None
+    trainable = build(TrainableSection, raw.get("trainable") or {}, ctx, "trainable")
     train = _check_train(raw["train"], ctx)
 
     # ---- cross-field rules
     if bool(model.llm) == bool(model.vora):
-        raise ctx.error("model.llm", "set exactly one of model.llm (stage 1: a text LLM) or model.vora (stage 2: a merged VoRA checkpoint)")
+        raise ctx.error("model.llm", "set exactly one of model.llm (stage 1: a text LLM) or model.vora "
+                                     "(stage 2: a merged VoRA checkpoint)")
     if model.vora:
         for key in ("patch_size", "vision_embed_dim", "position_grid"):
             if getattr(model, key) is not None:
@@ -575,7 +438,8 @@ def load_recipe(path: str | None, overrides: list[str] | list[tuple[str, Any]] |
                 raise ctx.error("distill.layer_map", "empty list")
             for i, pair in enumerate(distill.layer_map):
                 if len(pair) != 2 or min(pair) < 1:
-                    raise ctx.error(f"distill.layer_map.{i}", f"expected [llm_block, vit_block] with 1-based blocks, got {pair}")
+                    raise ctx.error(f"distill.layer_map.{i}",
+                                    f"expected [llm_block, vit_block] with 1-based blocks, got {pair}")
         if distill.num_blocks is not None and distill.num_blocks < 1:
             raise ctx.error("distill.num_blocks", f"expected >= 1, got {distill.num_blocks}")
         if distill.weight < 0:
@@ -588,13 +452,9 @@ def load_recipe(path: str | None, overrides: list[str] | list[tuple[str, Any]] |
     if data.pad_to_multiple_of is not None and data.pad_to_multiple_of < 1:
         raise ctx.error("data.pad_to_multiple_of", f"expected >= 1, got {data.pad_to_multiple_of}")
     if data.pad_to_multiple_of is None and model.attn_implementation == "flex_attention":
-        from .model.mask import FLEX_BLOCK_SIZE
-
         data.pad_to_multiple_of = FLEX_BLOCK_SIZE  # a whole number of flex tiles: one compiled shape per bucket
     needs_mask = (model.attention_mode or "bidirectional") == "bidirectional" or data.packing
     if model.attn_implementation is not None and needs_mask:  # images bidirectional, or samples kept apart
-        from .model.mask import attn_implementation_problem
-
         problem = attn_implementation_problem(model.attn_implementation)
         if problem:
             raise ctx.error("model.attn_implementation", problem)
@@ -614,7 +474,8 @@ def load_recipe(path: str | None, overrides: list[str] | list[tuple[str, Any]] |
         raise ctx.error("train.output_dir", "required key missing")
     for key in ("gradient_checkpointing", "activation_checkpointing"):
         if key in train and "gradient_checkpointing" in train and "activation_checkpointing" in train:
-            raise ctx.error("train.activation_checkpointing", "set gradient_checkpointing or activation_checkpointing, not both")
+            raise ctx.error("train.activation_checkpointing",
+                            "set gradient_checkpointing or activation_checkpointing, not both")
     ds = train.get("deepspeed")
     if isinstance(ds, str):
         try:

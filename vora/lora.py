@@ -62,7 +62,8 @@ def add_lora(vora_model, num_layers: int, rank: int, targets=DEFAULT_TARGETS) ->
     cfg = lora_config(num_layers, rank, targets, depth=depth)
     check_targets(lm, targets)
     vora_model.language_model = get_peft_model(lm, cfg)
-    vora_model.config.lora_layers, vora_model.config.lora_rank, vora_model.config.lora_targets = num_layers, rank, list(targets)
+    config = vora_model.config
+    config.lora_layers, config.lora_rank, config.lora_targets = num_layers, rank, list(targets)
 
 
 def merge_lora(vora_model) -> None:

@@ -73,8 +73,9 @@ class VoRA(lmms):
             raise ValueError("vora model: give pretrained=MERGED_DIR (a vora-merge output directory)")
         if str(batch_size).startswith("auto"):
             raise ValueError("vora model: batch_size=auto is not supported; give a number, e.g. --batch_size 8")
-        import vora  # noqa: F401  (Auto classes know model_type 'vora': no remote code needed)
         from transformers import AutoModelForCausalLM, AutoProcessor
+
+        import vora  # noqa: F401  (Auto classes know model_type 'vora': no remote code needed)
 
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch_dtype = "auto" if dtype == "auto" else getattr(torch, str(dtype), None)

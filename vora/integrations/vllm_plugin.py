@@ -19,7 +19,8 @@ def register() -> None:
     - ``ModelRegistry.register_model`` with a ``module:class`` string imports the model class lazily, so CUDA is
       not initialised in the engine's front-end process (``vllm/model_executor/models/registry.py``).
     """
-    import vora  # noqa: F401  (Auto-class registration)
     from vllm import ModelRegistry
+
+    import vora  # noqa: F401  (Auto-class registration)
 
     ModelRegistry.register_model(VLLM_ARCHITECTURE, MODEL_CLASS)

@@ -43,11 +43,14 @@ class VoRAConfig(PretrainedConfig):
         self.text_config = text_config
         if attention_mode not in ATTENTION_MODES:
             raise ValueError(f"VoRAConfig.attention_mode: {attention_mode!r} is not one of {ATTENTION_MODES}")
-        for name, value in (("patch_size", patch_size), ("vision_embed_dim", vision_embed_dim), ("position_grid", position_grid)):
+        for name, value in (("patch_size", patch_size), ("vision_embed_dim", vision_embed_dim),
+                            ("position_grid", position_grid)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"VoRAConfig.{name}: expected a positive int, got {value!r}")
         if not (0 < min_pixels <= max_pixels):
-            raise ValueError(f"VoRAConfig: need 0 < min_pixels <= max_pixels, got min_pixels={min_pixels}, max_pixels={max_pixels}")
+            raise ValueError(
+                f"VoRAConfig: need 0 < min_pixels <= max_pixels, got min_pixels={min_pixels}, max_pixels={max_pixels}"
+            )
         self.patch_size = patch_size
         self.vision_embed_dim = vision_embed_dim
         self.position_grid = position_grid

@@ -284,8 +284,10 @@ class VoRAForCausalLM(VoRAPreTrainedModel, GenerationMixin):
         # Otherwise the LLM builds its usual causal mask: decoding costs exactly what the base LLM costs.
         return inputs_embeds, attention_mask
 
-    def prepare_inputs_for_generation(self, input_ids, cache=None, is_first_iteration=False, pixel_values=None, image_grid_hw=None, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(input_ids, cache=cache, is_first_iteration=is_first_iteration, **kwargs)
+    def prepare_inputs_for_generation(self, input_ids, cache=None, is_first_iteration=False, pixel_values=None,
+                                      image_grid_hw=None, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(input_ids, cache=cache,
+                                                             is_first_iteration=is_first_iteration, **kwargs)
         # Images enter once, with the prompt; decoding steps are plain causal LLM steps.
         if is_first_iteration or not kwargs.get("use_cache", True):
             model_inputs["pixel_values"] = pixel_values
