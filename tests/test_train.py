@@ -421,7 +421,7 @@ def _recipe(world, out, *extra):
 
 
 def _trainer(recipe):
-    from vora.train import build_collator, build_datasets, build_model, build_training_arguments
+    from vora.build import build_collator, build_datasets, build_model, build_training_arguments
     from vora.trainer import VoRATrainer
 
     args = build_training_arguments(recipe)
@@ -438,7 +438,7 @@ def _trainable(model):
 @pytest.mark.parametrize("spec", ["full", "lora", "frozen", "frozen_no_patch"])
 def test_stage2_trainable_sets(world, tmp_path, spec):
     from vora.config import ConfigError
-    from vora.train import build_model, build_training_arguments
+    from vora.build import build_model, build_training_arguments
 
     extra = ["model.llm=null", f"model.vora={world / 'merged'}", "distill=null"]
     if spec == "lora":
