@@ -18,7 +18,9 @@ whole LLM saves a full model (``save_pretrained``), which needs no merge. :func:
 
 :func:`save_trainable` writes a new directory atomically (temp directory next to it, then rename).
 :func:`write_trainable` writes the same files into an existing directory (e.g. the ``checkpoint-N``
-directory HF Trainer has just created with its optimizer state).
+directory HF Trainer has just created with its optimizer state). :func:`load_trainable` rebuilds the model from a
+checkpoint; :func:`read_trainable_weights` / :func:`read_full_weights` read one back, strictly, into a model being
+trained (resume, :mod:`vora.resume`); :func:`validate_checkpoint` checks one cheaply before a resume.
 """
 
 from __future__ import annotations
