@@ -7,8 +7,8 @@ any of these, so raise that bound only after the suite passes on it.
 
 Private ``Trainer`` members used but not overridden: ``_get_output_dir``, ``store_flos``, ``_save_scaler``,
 ``_save_rng_state``, ``_load_optimizer_and_scheduler``, ``_load_scaler`` (here), ``_prepare_inputs``
-(``VoRATrainer.prediction_step``), the attributes ``_loss_shifts_labels`` and ``loss_is_scaled_for_ga``
-(``VoRATrainer.__init__``).
+(``VoRATrainer.prediction_step``) and the attribute ``_loss_shifts_labels`` (set in ``VoRATrainer.__init__``: the
+Trainer counts a step's label tokens over ``labels[..., 1:]`` when it is true).
 """
 
 from __future__ import annotations
@@ -84,8 +84,9 @@ class TrainerOverrides(Trainer):
         # Why: under DeepSpeed the Trainer saves the engine's checkpoint, module weights included. The safetensors
         # files written next to it hold every weight a resume needs (loaded strictly before this state), so
         # DeepSpeed's copy would store them twice — the whole LLM when it trains in full under ZeRO-1/2.
-        # DeepSpeed internal: ``save_checkpoint`` reads the weights through ``engine.module_state_dict``; an instance
-        # attribute returning {} shadows that method for this one call (DeepSpeed 0.19.8: runtime/engine.py).
+        # DeepSpeed internal: ``save_checkpoint`` reads the weights through ``self.module_state_dict()``
+        # (_save_checkpoint in DeepSpeed 0.19.8's runtime/engine.py); an instance attribute returning {} shadows that
+        # method for this one call.
         if not self.is_deepspeed_enabled:
             return super()._save_optimizer_and_scheduler(output_dir)
         engine = self.model_wrapped
@@ -121,9 +122,10 @@ class TrainerOverrides(Trainer):
 def load_engine_state(engine, load_dir: str, tag: str, universal: bool, check_module) -> str | None:
     """``engine.load_checkpoint`` of the optimizer, scheduler and DeepSpeed state (module part checked by
     ``check_module``), from a universal checkpoint when ``universal``. Returns the path loaded, None on failure."""
-    # DeepSpeed internal: the engine chooses the universal loader from ``_config.load_universal_checkpoint`` (set
-    # from the ds config at start); there is no argument for one load. Set for this load only: saving and later
-    # loads use the native format (DeepSpeed 0.19.8: runtime/engine.py load_checkpoint / _load_zero_checkpoint).
+    # DeepSpeed internal: the engine chooses the universal loader through ``load_universal_checkpoint()``, which
+    # reads ``_config.load_universal_checkpoint`` (set from the ds config at start); load_checkpoint has no argument
+    # for it. Set for this load only: saving and later loads use the native format (DeepSpeed 0.19.8:
+    # runtime/engine.py).
     engine._config.load_universal_checkpoint = universal
     try:
         load_path, _ = engine.load_checkpoint(
