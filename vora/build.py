@@ -74,10 +74,6 @@ def _torch_dtype(name: str | None, recipe: Recipe, args):
     return getattr(torch, name)
 
 
-def _zero3() -> bool:
-    return is_deepspeed_zero3_enabled()
-
-
 # ---------------------------------------------------------------------------------------------------- teacher
 def _auto_config(path: str, where: str):
     """``AutoConfig.from_pretrained`` with its failure as one line naming the recipe key."""
@@ -275,7 +271,7 @@ def build_model(recipe: Recipe, args) -> Built:
         for p in model.parameters():
             if not hasattr(p, "ds_id") and p.is_floating_point() and p.dtype != torch.bfloat16:
                 p.data = p.data.to(torch.bfloat16)
-    if _zero3():
+    if is_deepspeed_zero3_enabled():
         # ZeRO-3 places the parameters; buffers of modules built outside zero.Init (teacher mean/std) stay where they
         # were made: move them to this rank's device.
         for module in model.modules():
