@@ -41,20 +41,32 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
 from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from vora.model import CODE_DIR, CODE_FILES
+from vora import checkpoint as ckpt
+from vora.checkpoint import LLM_ARCH_FIELDS, VORA_GEOMETRY_FIELDS, CheckpointError, check_state_dict
+from vora.export import (  # noqa: F401  (complete_full_model, AUTO_MAP: also importable from here, as before)
+    AUTO_MAP,
+    complete_full_model,
+    inference_config,
+    save_inference_processor,
+    write_code_files,
+    write_generation_config,
+)
+from vora.model import CODE_FILES
+from vora.model.configuration_vora import VoRAConfig
+from vora.model.image_processing_vora import VoRAImageProcessor
+from vora.model.modeling_vora import VoRAPatchEmbed
+from vora.model.processing_vora import VoRAProcessor
 
 logger = logging.getLogger("vora.merge")
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 LM_PREFIX = "language_model."
-AUTO_MAP = {
-    "AutoConfig": "configuration_vora.VoRAConfig",
-    "AutoModelForCausalLM": "modeling_vora.VoRAForCausalLM",
-    "AutoProcessor": "processing_vora.VoRAProcessor",
-}
 
 ST_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -82,7 +94,8 @@ def parse_size(text: str | int) -> int:
     if not m:
         raise MergeError(f"--max-shard-size: cannot parse {text!r} (use e.g. 5GB, 500MB, 2GiB)")
     number, unit = float(m.group(1)), m.group(2).upper()
-    powers = {"": 0, "B": 0, "K": 1, "KB": 1, "KIB": 1, "M": 2, "MB": 2, "MIB": 2, "G": 3, "GB": 3, "GIB": 3, "T": 4, "TB": 4, "TIB": 4}
+    powers = {"": 0, "B": 0, "K": 1, "KB": 1, "KIB": 1, "M": 2, "MB": 2, "MIB": 2, "G": 3, "GB": 3, "GIB": 3,
+              "T": 4, "TB": 4, "TIB": 4}
     if unit not in powers:
         raise MergeError(f"--max-shard-size: unknown unit in {text!r}")
     base = 1024 if "I" in unit else 1000
@@ -156,11 +169,11 @@ def resolve_base(base: str) -> Path:
     if base.startswith((".", "/", "~")) or base.count("/") > 1:
         raise MergeError(f"base LLM directory {base} does not exist (pass --base LLM_PATH)")
     try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]))
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+        return Path(snapshot_download(base, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, no access
-        raise MergeError(f"base LLM {base!r} is neither a local directory nor available from the Hugging Face cache/hub ({e}); pass --base LLM_PATH") from e
+        raise MergeError(f"base LLM {base!r} is neither a local directory nor available from the Hugging Face "
+                         f"cache/hub ({e}); pass --base LLM_PATH") from e
 
 
 def base_shards(base: Path) -> tuple[list[Path], dict[str, Path]]:
@@ -188,8 +201,6 @@ def expected_llm_tensors(text_config):
     """(required {name: shape}, optional names) of the LLM architecture, built on the meta device.
 
     Optional: names that alias another parameter (tied lm_head) — stock checkpoints omit them."""
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(text_config)
     state = lm.state_dict()
@@ -235,7 +246,8 @@ def read_adapter_config(path: Path) -> dict:
         if cfg.get(key):
             raise MergeError(f"{path}: {key}={cfg[key]!r}: {what} cannot be folded into a stock architecture")
     if cfg.get("bias", "none") != "none":
-        raise MergeError(f"{path}: bias={cfg['bias']!r} trains base biases, which the adapter file does not fold; only bias='none' is supported")
+        raise MergeError(f"{path}: bias={cfg['bias']!r} trains base biases, which the adapter file does not fold; "
+                         "only bias='none' is supported")
     if not isinstance(cfg.get("r"), int) or cfg["r"] < 1:
         raise MergeError(f"{path}: r={cfg.get('r')!r} is not a positive int")
     return cfg
@@ -263,22 +275,27 @@ def plan_adapter(adapter_file: Path, cfg: dict, base_meta: dict[str, dict]) -> d
             raise MergeError(f"{adapter_file}: module {module} has no {lacking}.weight")
         target = module + ".weight"
         if target not in base_meta:
-            raise MergeError(f"{adapter_file}: adapter keys for {module!r} match no base weight (no {target!r} in the base LLM)")
+            raise MergeError(f"{adapter_file}: adapter keys for {module!r} match no base weight "
+                             f"(no {target!r} in the base LLM)")
         (a_key, a_shape), (b_key, b_shape) = parts["A"], parts["B"]
         w_shape = tuple(base_meta[target]["shape"])
         if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
-            raise MergeError(f"{adapter_file}: {module}: lora_A {list(a_shape)} and lora_B {list(b_shape)} are not a rank-r pair")
+            raise MergeError(f"{adapter_file}: {module}: lora_A {list(a_shape)} and lora_B {list(b_shape)} "
+                             "are not a rank-r pair")
         delta_shape = (b_shape[0], a_shape[1])
         if fan_in_fan_out:
             delta_shape = delta_shape[::-1]
         if delta_shape != w_shape:
             raise MergeError(
-                f"shape mismatch for {target}: base weight is {list(w_shape)} but the adapter's B·A is {list(delta_shape)} "
-                f"(lora_A {list(a_shape)}, lora_B {list(b_shape)}): was the checkpoint trained on another base LLM?"
+                f"shape mismatch for {target}: base weight is {list(w_shape)} but the adapter's B·A is "
+                f"{list(delta_shape)} (lora_A {list(a_shape)}, lora_B {list(b_shape)}): was the checkpoint trained on "
+                "another base LLM?"
             )
         if ST_NAMES.get(base_meta[target]["dtype"]) not in MERGEABLE:
-            raise MergeError(f"base weight {target} has dtype {base_meta[target]['dtype']}; LoRA can only be merged into float16/bfloat16/float32 weights")
-        plan[target] = {"A": a_key, "B": b_key, "scale": lora_scaling(cfg, module, a_shape[0]), "transpose": fan_in_fan_out}
+            raise MergeError(f"base weight {target} has dtype {base_meta[target]['dtype']}; LoRA can only be merged "
+                             "into float16/bfloat16/float32 weights")
+        plan[target] = {"A": a_key, "B": b_key, "scale": lora_scaling(cfg, module, a_shape[0]),
+                        "transpose": fan_in_fan_out}
     if not plan:
         raise MergeError(f"{adapter_file}: no LoRA weights in the adapter")
     return plan
@@ -308,9 +325,6 @@ def merge(
     output is only replaced with ``overwrite`` and only when it is a previous merge output. A base whose fingerprint
     differs from the one recorded at training time is refused unless ``force_base``.
     """
-    from vora import checkpoint as ckpt
-    from vora.model.configuration_vora import VoRAConfig
-
     log = log or logger.info
     t0 = time.time()
     checkpoint = Path(checkpoint).absolute()
@@ -368,8 +382,10 @@ def merge(
     if vora_base:
         other = sorted(n for n in file_meta if not n.startswith((LM_PREFIX, ckpt.VISION_PREFIX)))
         if other:
-            raise MergeError(f"VoRA base {base_dir}: unexpected tensors {other[:5]} (expected only {LM_PREFIX}* and {ckpt.VISION_PREFIX}*)")
-        base_vision_meta = {n[len(ckpt.VISION_PREFIX):]: m for n, m in file_meta.items() if n.startswith(ckpt.VISION_PREFIX)}
+            raise MergeError(f"VoRA base {base_dir}: unexpected tensors {other[:5]} "
+                             f"(expected only {LM_PREFIX}* and {ckpt.VISION_PREFIX}*)")
+        base_vision_meta = {n[len(ckpt.VISION_PREFIX):]: m for n, m in file_meta.items()
+                            if n.startswith(ckpt.VISION_PREFIX)}
     base_meta = {n[len(prefix):]: m for n, m in file_meta.items() if n.startswith(prefix)}
     required, aliases, ignore = expected_llm_tensors(config.text_config)
     dropped = [n for n in base_meta if n not in required and n not in aliases and any(p.search(n) for p in ignore)]
@@ -378,7 +394,8 @@ def merge(
     ckpt_check(
         {**required, **aliases},
         {n: tuple(m["shape"]) for n, m in base_meta.items()},
-        f"{'VoRA base' if vora_base else 'base LLM'} {base_dir} vs the checkpoint's text_config ({config.text_config.model_type})"
+        f"{'VoRA base' if vora_base else 'base LLM'} {base_dir} vs the checkpoint's text_config "
+        f"({config.text_config.model_type})"
         + (f" (tensors under {LM_PREFIX})" if vora_base else ""),
         optional=set(aliases),
     )
@@ -393,7 +410,8 @@ def merge(
             cfg_dtype = str(cfg_dtype).removeprefix("torch.")
         if cfg_dtype not in TARGET_DTYPES:
             counts = Counter(m["dtype"] for m in base_meta.values() if ST_NAMES.get(m["dtype"]) in MERGEABLE)
-            cfg_dtype = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[counts.most_common(1)[0][0]] if counts else "bfloat16"
+            by_name = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+            cfg_dtype = by_name[counts.most_common(1)[0][0]] if counts else "bfloat16"
         dtype = cfg_dtype
     if dtype not in TARGET_DTYPES:
         raise MergeError(f"--dtype {dtype!r}: use one of auto, {', '.join(TARGET_DTYPES)}")
@@ -415,8 +433,6 @@ def merge(
     if vora_base and (vision is None or not ckpt.patch_embed_trained(run)):
         vision = None  # keep the base's patch embedding (read from its shard when written)
         with torch.device("meta"):
-            from vora.model.modeling_vora import VoRAPatchEmbed
-
             expected = {k: tuple(v.shape) for k, v in VoRAPatchEmbed(config).state_dict().items()}
         ckpt_check(expected, {k: tuple(m["shape"]) for k, m in base_vision_meta.items()},
                    f"VoRA base {base_dir} (patch embedding vs the checkpoint's config.json)")
@@ -430,7 +446,8 @@ def merge(
     order: list[tuple[str, Path]] = []
     for shard in shards:
         header = read_header(shard)
-        names = [n[len(prefix):] for n in header if n.startswith(prefix) and n[len(prefix):] in base_meta and where[n] == shard]
+        names = [n[len(prefix):] for n in header
+                 if n.startswith(prefix) and n[len(prefix):] in base_meta and where[n] == shard]
         names.sort(key=lambda n: header[prefix + n]["data_offsets"][0])
         order += [(n, shard) for n in names]
 
@@ -498,9 +515,8 @@ def merge(
             weight_map.update({name: fname for name, _, _ in group})
             log(f"  wrote {fname} ({len(group)} tensors)")
         n_params = sum(numel(s) for _, _, s in entries)
-        (tmp / SAFE_INDEX).write_text(
-            json.dumps({"metadata": {"total_size": total, "total_parameters": n_params}, "weight_map": weight_map}, indent=2) + "\n"
-        )
+        index = {"metadata": {"total_size": total, "total_parameters": n_params}, "weight_map": weight_map}
+        (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         write_support_files(tmp, checkpoint, base_dir, config, target, {**run, MERGE_KEY: provenance})
     summary = {
         "output": str(output), "base": str(base_dir), "base_kind": "vora" if vora_base else "llm", "dtype": dtype,
@@ -547,8 +563,6 @@ def check_output_location(output: Path, source: Path, what: str) -> None:
 def is_merge_output(directory: Path) -> bool:
     """Whether ``directory`` is what vora-merge writes: its vora_run.json says so, or (older merges) a VoRA model with
     the code files and no training state (no adapter, no trainer state, not a full fine-tuning run)."""
-    from vora import checkpoint as ckpt
-
     try:
         run = ckpt.run_info(directory)
         config = json.loads((directory / "config.json").read_text())
@@ -589,8 +603,6 @@ def check_base_identity(base_dir: Path, run: dict, checkpoint: Path, force_base:
                         explicit: bool = True) -> dict | None:
     """Print the base used next to the one recorded at training time; refuse a base whose fingerprint differs from
     the recorded one unless ``force_base``. Returns the base's fingerprint (for the output's provenance)."""
-    from vora import checkpoint as ckpt
-
     given = ckpt.base_fingerprint(base_dir)
     recorded, recorded_base = run.get("base_fingerprint"), run.get("base_llm")
     log(f"base: {base_dir} (fingerprint {short(given)}); recorded at training time: {recorded_base} "
@@ -613,8 +625,6 @@ def check_base_identity(base_dir: Path, run: dict, checkpoint: Path, force_base:
 def recorded_lora(run: dict, config, checkpoint: Path) -> list[tuple[str, dict]]:
     """The LoRA the run trained, as recorded: (where, {"rank", "layers", "targets"}) from vora_run.json's recipe and
     from config.json's lora_* fields (either may be absent in older or hand-made checkpoints)."""
-    from vora import checkpoint as ckpt
-
     found = []
     lora = (run.get("recipe") or {}).get("lora")
     if isinstance(lora, dict):
@@ -660,8 +670,6 @@ def check_adapted_modules(path: Path, plan: dict, recorded: list[tuple[str, dict
 
 
 def ckpt_check(expected, got, what, optional=frozenset()):
-    from vora.checkpoint import CheckpointError, check_state_dict
-
     try:
         check_state_dict(expected, got, what, optional=optional)
     except CheckpointError as e:
@@ -671,8 +679,6 @@ def ckpt_check(expected, got, what, optional=frozenset()):
 def check_base_config(base_dir: Path, config) -> bool:
     """The base's config.json must describe the architecture the checkpoint was trained on. Returns whether the
     base is a merged VoRA model (stage 2) rather than a text LLM."""
-    from vora.checkpoint import LLM_ARCH_FIELDS, VORA_GEOMETRY_FIELDS
-
     path = base_dir / "config.json"
     if not path.is_file():
         raise MergeError(f"base LLM {base_dir} has no config.json")
@@ -683,7 +689,8 @@ def check_base_config(base_dir: Path, config) -> bool:
         for f in VORA_GEOMETRY_FIELDS:
             a, b = base_cfg.get(f), getattr(config, f, None)
             if a is not None and b is not None and a != b:
-                raise MergeError(f"VoRA base {path}: {f}={a!r} but the checkpoint's config.json has {f}={b!r}: wrong base?")
+                raise MergeError(f"VoRA base {path}: {f}={a!r} but the checkpoint's config.json has {f}={b!r}: "
+                                 "wrong base?")
         base_cfg = base_cfg.get("text_config") or {}
         where = f"VoRA base {path}: text_config."
     else:
@@ -698,11 +705,6 @@ def check_base_config(base_dir: Path, config) -> bool:
 def load_patch_embedding(checkpoint: Path, config, required: bool = True) -> dict[str, torch.Tensor] | None:
     """``vision_embed.*`` from vora_trainable.safetensors (prefix stripped), checked against the config;
     ``distill_heads.*`` dropped. None when the file holds no patch embedding and ``required`` is false."""
-    from safetensors.torch import load_file
-
-    from vora import checkpoint as ckpt
-    from vora.model.modeling_vora import VoRAPatchEmbed
-
     path = checkpoint / ckpt.TRAINABLE_WEIGHTS
     try:
         vision, _heads = ckpt.split_trainable(load_file(str(path)), str(path))
@@ -716,99 +718,21 @@ def load_patch_embedding(checkpoint: Path, config, required: bool = True) -> dic
     return vision
 
 
-def inference_config(config, dtype_name: str | None = None):
-    """A copy of a VoRAConfig for a standalone model: auto_map (remote code), architectures, KV cache on,
-    optionally the stored dtype."""
-    import copy
-
-    config = copy.deepcopy(config)
-    config.auto_map = dict(AUTO_MAP)
-    config.architectures = ["VoRAForCausalLM"]
-    from vora.integrations.serving import add_vllm_config_fields
-
-    add_vllm_config_fields(config)  # what vLLM reads: is_mm_prefix_lm (the image mask), architectures
-    config.use_cache = True
-    if config.text_config is not None:
-        config.text_config.use_cache = True
-    if dtype_name is not None:
-        config.dtype = dtype_name
-        config.text_config.dtype = dtype_name
-    return config
-
-
-def write_code_files(directory: Path) -> None:
-    """Copy the model/processor code (CODE_FILES) for trust_remote_code=True."""
-    for name in CODE_FILES:
-        src = CODE_DIR / name
-        text = src.read_text()
-        if re.search(r"^\s*(from|import)\s+vora\b", text, flags=re.MULTILINE):
-            raise MergeError(f"{src} imports the vora package absolutely; remote code must use relative imports")
-        shutil.copyfile(src, Path(directory) / name)
-
-
-def save_inference_processor(directory: Path, processor) -> None:
-    """The processor (tokenizer padding on the left, for batched generate) + preprocessor_config.json."""
-    from vora.model.processing_vora import CHATML_TEMPLATE
-
-    processor.tokenizer.padding_side = "left"
-    processor.tokenizer.init_kwargs["padding_side"] = "left"
-    if processor._template_source() == "fallback":
-        processor.chat_template = CHATML_TEMPLATE  # save the template the processor uses, explicitly
-    processor.save_pretrained(str(directory))
-    processor.image_processor.save_pretrained(str(directory))  # preprocessor_config.json for AutoImageProcessor
-
-
-def write_generation_config(directory: Path, config, tokenizer, sources=()) -> None:
-    """generation_config.json: the first of ``sources`` that has one (else from the config), with the tokenizer's
-    EOS added and a pad id."""
-    from transformers import GenerationConfig
-
-    gen_src = next((Path(d) for d in sources if (Path(d) / "generation_config.json").is_file()), None)
-    gen = GenerationConfig.from_pretrained(str(gen_src)) if gen_src else GenerationConfig.from_model_config(config)
-    eos = gen.eos_token_id if gen.eos_token_id is not None else config.eos_token_id
-    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-        eos.append(tokenizer.eos_token_id)
-    gen.eos_token_id = eos[0] if len(eos) == 1 else (eos or None)
-    if gen.pad_token_id is None:
-        gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
-    if gen.bos_token_id is None:
-        gen.bos_token_id = config.bos_token_id
-    gen.save_pretrained(str(directory))
-
-
 def write_support_files(tmp: Path, checkpoint: Path, base_dir: Path, config, target: torch.dtype, run: dict) -> None:
     """config.json (auto_map), the vora code files, processor/tokenizer/image-processor files, generation config."""
     config = inference_config(config, str(target).removeprefix("torch."))
     config.save_pretrained(str(tmp))
     processor = build_processor(checkpoint, base_dir, config)
     save_inference_processor(tmp, processor)
-    write_code_files(tmp)
+    try:
+        write_code_files(tmp)
+    except CheckpointError as e:
+        raise MergeError(str(e)) from e
     write_generation_config(tmp, config, processor.tokenizer, (checkpoint, base_dir))
-    from vora import checkpoint as ckpt
-
     base_run = ckpt.run_info(base_dir)
     if run and base_run and ckpt.base_is_vora(base_dir):
         run = {**run, "base_run": base_run}  # stage 2: keep how the base was made
-    (tmp / ckpt.RUN_FILE).write_text(json.dumps(run, indent=2, default=str) + "\n")
-
-
-def complete_full_model(directory: str | os.PathLike, config, processor) -> None:
-    """Make a ``save_pretrained`` VoRA directory (stage-2 full fine-tuning) a standalone model like vora-merge's
-    output: config with auto_map, the code files, the processor (left padding) + preprocessor config, a generation
-    config. The processor given is not modified."""
-    import copy
-
-    directory = Path(directory)
-    saved = directory / "config.json"
-    dtype_name = json.loads(saved.read_text()).get("dtype") if saved.is_file() else None  # what save_pretrained stored
-    config = inference_config(config, dtype_name if isinstance(dtype_name, str) else None)
-    config.save_pretrained(str(directory))
-    write_code_files(directory)
-    if processor is not None:
-        processor = copy.deepcopy(processor)
-        save_inference_processor(directory, processor)
-        write_generation_config(directory, config, processor.tokenizer, (directory,))
+    ckpt.write_run(tmp, run)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -821,11 +745,6 @@ def has_tokenizer(directory: Path) -> bool:
 def build_processor(checkpoint: Path, base_dir: Path, config):
     """The checkpoint's processor if it saved one, else the base tokenizer + an image processor from the
     config. Its '<image>' id and patch size must agree with the config."""
-    from transformers import AutoTokenizer
-
-    from vora.model.image_processing_vora import VoRAImageProcessor
-    from vora.model.processing_vora import VoRAProcessor
-
     if has_tokenizer(checkpoint):
         processor = VoRAProcessor.from_pretrained(str(checkpoint))
         source = checkpoint
@@ -839,7 +758,8 @@ def build_processor(checkpoint: Path, base_dir: Path, config):
                 f"(expected one of {', '.join(TOKENIZER_FILES)}): save the processor with the checkpoint"
             )
         tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-        ip = VoRAImageProcessor(patch_size=config.patch_size, min_pixels=config.min_pixels, max_pixels=config.max_pixels)
+        ip = VoRAImageProcessor(patch_size=config.patch_size, min_pixels=config.min_pixels,
+                                max_pixels=config.max_pixels)
         processor = VoRAProcessor(image_processor=ip, tokenizer=tokenizer)
         source = base_dir
     if processor.image_token_id != config.image_token_id:
@@ -865,10 +785,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fold a VoRA training checkpoint's LoRA into its base LLM and write a standalone model "
         "(loadable with AutoModelForCausalLM/AutoProcessor, trust_remote_code=True).",
     )
-    p.add_argument("checkpoint", help="training checkpoint directory (adapter_model.safetensors, vora_trainable.safetensors, config.json, vora_run.json)")
+    p.add_argument("checkpoint", help="training checkpoint directory (adapter_model.safetensors, "
+                   "vora_trainable.safetensors, config.json, vora_run.json)")
     p.add_argument("--output", "-o", required=True, help="directory to create for the merged model")
-    p.add_argument("--base", help="base LLM directory or hub id (default: base_llm from the checkpoint's vora_run.json)")
-    p.add_argument("--dtype", default="auto", choices=["auto", *TARGET_DTYPES], help="stored dtype (default: the base's)")
+    p.add_argument("--base",
+                   help="base LLM directory or hub id (default: base_llm from the checkpoint's vora_run.json)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *TARGET_DTYPES],
+                   help="stored dtype (default: the base's)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output directory (only a previous merge output)")
     p.add_argument("--force-base", action="store_true",

@@ -97,7 +97,7 @@ def test_flex_recipes_bucket_rows_to_whole_tiles(tmp_path):
     """With flex_attention, rows are padded to a multiple of 128 (one compiled shape per bucket) unless set."""
     from types import SimpleNamespace
 
-    from vora.train import build_collator
+    from vora.build import build_collator
 
     path = write(tmp_path, MINIMAL)
     flex = load_recipe(path, ["model.attn_implementation=flex_attention", "data.packing=true"])

@@ -341,8 +341,8 @@ def _trainable(model):
 
 @pytest.mark.parametrize("spec", ["full", "lora", "frozen", "frozen_no_patch"])
 def test_stage2_trainable_sets(world, tmp_path, spec):
+    from vora.build import build_model, build_training_arguments
     from vora.config import ConfigError
-    from vora.train import build_model, build_training_arguments
 
     extra = ["model.llm=null", f"model.vora={world / 'merged'}", "distill=null"]
     if spec == "lora":

@@ -20,15 +20,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 from tests.helpers_data import build_tokenizer, save_image, write_jsonl
 from tests.tiny import save_teacher
 from vora import VoRAForCausalLM
-from vora.config import load_recipe
-from vora.model.image_processing_vora import VoRAImageProcessor
-from vora.model.processing_vora import VoRAProcessor
-from vora.train import (
+from vora.build import (
     build_collator,
     build_datasets,
     build_model,
     build_training_arguments,
 )
+from vora.config import load_recipe
+from vora.model.image_processing_vora import VoRAImageProcessor
+from vora.model.processing_vora import VoRAProcessor
 from vora.trainer import VoRATrainer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,21 +18,35 @@ whole LLM saves a full model (``save_pretrained``), which needs no merge. :func:
 
 :func:`save_trainable` writes a new directory atomically (temp directory next to it, then rename).
 :func:`write_trainable` writes the same files into an existing directory (e.g. the ``checkpoint-N``
-directory HF Trainer has just created with its optimizer state).
+directory HF Trainer has just created with its optimizer state). :func:`load_trainable` rebuilds the model from a
+checkpoint; :func:`read_trainable_weights` / :func:`read_full_weights` read one back, strictly, into a model being
+trained (resume, :mod:`vora.resume`); :func:`validate_checkpoint` checks one cheaply before a resume.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
 import shutil
+import socket
+import struct
 import tempfile
+import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from huggingface_hub import snapshot_download
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from .model.configuration_vora import VoRAConfig
+from .model.modeling_vora import VoRAForCausalLM
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -101,8 +115,6 @@ def stale_temp_dirs(final: str | os.PathLike, max_age_s: float = STALE_TMP_AGE_S
     """Temp directories of :func:`atomic_directory` for ``final`` left behind by a killed writer: those whose owner
     PID (on this host) is dead, and those of unknown owner not modified for ``max_age_s`` seconds. A live writer's
     temp directory is never listed."""
-    import time
-
     final = Path(final)
     if not final.parent.is_dir():
         return []
@@ -120,8 +132,6 @@ def stale_temp_dirs(final: str | os.PathLike, max_age_s: float = STALE_TMP_AGE_S
 
 
 def _host() -> str:
-    import socket
-
     return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())
 
 
@@ -173,6 +183,30 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False):
 
 
 # --------------------------------------------------------------------------------------------
+# several ranks: saves are collective; ZeRO-3 partitions the parameters a checkpoint is written from / read into
+# --------------------------------------------------------------------------------------------
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def param_shape(p) -> tuple:
+    """A parameter's full shape, also when ZeRO-3 holds only this rank's partition of it."""
+    return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+
+
+def gathered(params, modifier_rank=None):
+    """Context that materialises ZeRO-3 partitioned params (a no-op for ordinary ones)."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    # Only ZeRO-3 parameters reach here, so deepspeed is already loaded (importing it is slow and logs).
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+# --------------------------------------------------------------------------------------------
 # saving
 # --------------------------------------------------------------------------------------------
 def trainable_state_dict(model, heads=None) -> dict[str, torch.Tensor]:
@@ -186,6 +220,16 @@ def trainable_state_dict(model, heads=None) -> dict[str, torch.Tensor]:
         for name, tensor in heads.state_dict().items():
             out[HEADS_PREFIX + name] = tensor
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
+    """``tensors`` to one safetensors file (``{"format": "pt"}`` metadata, as transformers and peft write it)."""
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+
+
+def write_run(directory: str | os.PathLike, run: dict) -> None:
+    """``directory/vora_run.json``: how the weights were made (base LLM, teacher, recipe, ...)."""
+    (Path(directory) / RUN_FILE).write_text(json.dumps(run, indent=2, default=str) + "\n")
 
 
 def write_trainable(
@@ -206,23 +250,22 @@ def write_trainable(
     ``trainable`` / ``adapter_state_dict``: pass gathered state dicts when parameters are partitioned
     (ZeRO-3); by default they are read from the model.
     """
-    from peft import PeftModel
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     lm = model.language_model
     if not isinstance(lm, PeftModel):
-        raise CheckpointError("write_trainable: model.language_model has no LoRA adapter (call vora.lora.add_lora first)")
+        raise CheckpointError("write_trainable: model.language_model has no LoRA adapter "
+                              "(call vora.lora.add_lora first)")
     kwargs = {} if adapter_state_dict is None else {"state_dict": adapter_state_dict}
     lm.save_pretrained(str(directory), safe_serialization=True, **kwargs)
     tensors = trainable if trainable is not None else trainable_state_dict(model, heads)
     bad = [k for k in tensors if not k.startswith((VISION_PREFIX, HEADS_PREFIX))]
     if bad:
-        raise CheckpointError(f"write_trainable: unexpected trainable keys {bad[:5]} (only {VISION_PREFIX}* and {HEADS_PREFIX}*)")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / TRAINABLE_WEIGHTS), metadata={"format": "pt"})
+        raise CheckpointError(f"write_trainable: unexpected trainable keys {bad[:5]} "
+                              f"(only {VISION_PREFIX}* and {HEADS_PREFIX}*)")
+    write_safetensors(directory / TRAINABLE_WEIGHTS, tensors)
     model.config.save_pretrained(str(directory))
-    run = {"base_llm": str(base_llm), "teacher": teacher, "recipe": recipe or {}}
-    (directory / RUN_FILE).write_text(json.dumps(run, indent=2, default=str) + "\n")
+    write_run(directory, {"base_llm": str(base_llm), "teacher": teacher, "recipe": recipe or {}})
     if processor is not None:
         processor.save_pretrained(str(directory))
     return directory
@@ -268,7 +311,8 @@ def read_run(directory: str | os.PathLike) -> dict:
     return run
 
 
-def require_files(directory: str | os.PathLike, names=(ADAPTER_WEIGHTS, ADAPTER_CONFIG, TRAINABLE_WEIGHTS, CONFIG)) -> Path:
+def require_files(directory: str | os.PathLike,
+                  names=(ADAPTER_WEIGHTS, ADAPTER_CONFIG, TRAINABLE_WEIGHTS, CONFIG)) -> Path:
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
@@ -329,14 +373,9 @@ def base_fingerprint(base: str | os.PathLike) -> dict | None:
     16 evenly spaced 64 KiB samples of its data (a few MiB read, whatever the model size). Another model, another
     fine-tune or a re-saved base changes it; the same files anywhere (copied, moved, through a symlink) do not.
     ``base`` may be a hub id found in the local Hugging Face cache; ``None`` when there are no local weights."""
-    import hashlib
-    import struct
-
     path = Path(base).expanduser()
     if not path.is_dir():
         try:
-            from huggingface_hub import snapshot_download
-
             path = Path(snapshot_download(str(base), local_files_only=True))
         except Exception:  # not a hub id, or not cached: nothing to fingerprint
             return None
@@ -367,8 +406,9 @@ def check_base_stage(run: dict, vora_base: bool, base) -> None:
     LLM (``vora_run.json`` records the stage; older checkpoints without it are not checked)."""
     stage = run.get("stage")
     if stage == 2 and not vora_base:
-        raise CheckpointError(f"the checkpoint is from a stage-2 run (trained on the merged VoRA model {run.get('base_llm')}), "
-                              f"but the base {base} is a text LLM: use the VoRA model it was trained from")
+        raise CheckpointError(f"the checkpoint is from a stage-2 run (trained on the merged VoRA model "
+                              f"{run.get('base_llm')}), but the base {base} is a text LLM: use the VoRA model it was "
+                              "trained from")
     if stage == 1 and vora_base:
         raise CheckpointError(f"the checkpoint is from a stage-1 run (trained on the text LLM {run.get('base_llm')}), "
                               f"but the base {base} is a merged VoRA model: use the LLM it was trained from")
@@ -394,7 +434,8 @@ def check_same_geometry(config, base_config, what: str) -> None:
     for f in LLM_ARCH_FIELDS:
         a, b = getattr(base_config.text_config, f, None), getattr(config.text_config, f, None)
         if a is not None and b is not None and a != b:
-            raise CheckpointError(f"{what}: text_config.{f}={a!r} but the checkpoint's text_config has {f}={b!r}: wrong base?")
+            raise CheckpointError(f"{what}: text_config.{f}={a!r} but the checkpoint's text_config has {f}={b!r}: "
+                                  "wrong base?")
 
 
 def split_trainable(tensors: dict[str, torch.Tensor], source="vora_trainable.safetensors"):
@@ -408,7 +449,8 @@ def split_trainable(tensors: dict[str, torch.Tensor], source="vora_trainable.saf
         else:
             bad.append(k)
     if bad:
-        raise CheckpointError(f"{source}: unexpected keys {sorted(bad)[:5]} (expected only {VISION_PREFIX}* and {HEADS_PREFIX}*)")
+        raise CheckpointError(f"{source}: unexpected keys {sorted(bad)[:5]} "
+                              f"(expected only {VISION_PREFIX}* and {HEADS_PREFIX}*)")
     return vision, heads
 
 
@@ -416,7 +458,8 @@ def check_state_dict(expected: dict[str, tuple], got: dict[str, tuple], what: st
     """Refuse missing, unexpected or mis-shaped keys (``{name: shape}`` on both sides)."""
     missing = sorted(set(expected) - set(got) - set(optional))
     unexpected = sorted(set(got) - set(expected))
-    shapes = [(k, tuple(got[k]), tuple(expected[k])) for k in sorted(set(expected) & set(got)) if tuple(got[k]) != tuple(expected[k])]
+    shapes = [(k, tuple(got[k]), tuple(expected[k])) for k in sorted(set(expected) & set(got))
+              if tuple(got[k]) != tuple(expected[k])]
     problems = []
     if missing:
         problems.append(f"missing keys ({len(missing)}): {missing[:6]}{' …' if len(missing) > 6 else ''}")
@@ -426,6 +469,100 @@ def check_state_dict(expected: dict[str, tuple], got: dict[str, tuple], what: st
         problems.append(f"shape mismatch for {k}: checkpoint has {list(g)}, model expects {list(e)}")
     if problems:
         raise CheckpointError(f"{what}: " + "; ".join(problems))
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def read_safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple]:
+    """``{name: shape}`` of a safetensors file, no tensor read."""
+    with safe_open(str(path), "pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def read_trainable_weights(checkpoint: str | os.PathLike, expected: dict[str, tuple],
+                           adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The tensors of a trainable-only checkpoint (peft adapter + ``vora_trainable.safetensors``) by the model's names
+    (``language_model.*`` with the peft ``adapter_name``, ``vision_embed.*``, ``distill_heads.*``), every key and
+    shape checked against ``expected`` (``{name: shape}``)."""
+    checkpoint = str(checkpoint)
+    lm_expected = {k: v for k, v in expected.items() if k.startswith("language_model.")}
+    rest_expected = {k: v for k, v in expected.items() if not k.startswith("language_model.")}
+    tensors = {}
+    path = os.path.join(checkpoint, TRAINABLE_WEIGHTS)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{checkpoint}: {TRAINABLE_WEIGHTS} missing (not a VoRA training checkpoint?)")
+    check_state_dict(rest_expected, read_safetensors_shapes(path), path)
+    tensors.update(read_safetensors(path))
+    adapter_path = os.path.join(checkpoint, ADAPTER_WEIGHTS)
+    if lm_expected or os.path.isfile(adapter_path):
+        if not os.path.isfile(adapter_path):
+            raise CheckpointError(f"{checkpoint}: {ADAPTER_WEIGHTS} missing but the run trains LoRA weights")
+        # peft stores keys without the adapter name: ...q_proj.lora_A.weight ↔ ...q_proj.lora_A.default.weight
+        to_model = {}
+        for k in lm_expected:
+            short = k[len("language_model."):].replace(f".{adapter_name}.", ".")
+            to_model[short] = k
+        got = read_safetensors_shapes(adapter_path)
+        check_state_dict({s: lm_expected[k] for s, k in to_model.items()}, got, adapter_path)
+        for s, t in read_safetensors(adapter_path).items():
+            tensors[to_model[s]] = t
+    return tensors
+
+
+def read_full_weights(checkpoint: str | os.PathLike, model,
+                      heads_expected: dict[str, tuple] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a full-model checkpoint (``save_pretrained`` shards) for ``model`` (a VoRAForCausalLM, maybe
+    ZeRO-3 partitioned), every key and shape checked; with ``heads_expected`` also the distillation heads from
+    ``vora_trainable.safetensors`` (``distill_heads.*``)."""
+    checkpoint = str(checkpoint)
+    index = os.path.join(checkpoint, "model.safetensors.index.json")
+    single = os.path.join(checkpoint, "model.safetensors")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        paths = [os.path.join(checkpoint, x) for x in files]
+    elif os.path.isfile(single):
+        paths = [single]
+    else:
+        raise CheckpointError(f"{checkpoint}: no model.safetensors(.index.json) (not a full-model checkpoint?)")
+    got = {}
+    for p in paths:
+        got.update(read_safetensors_shapes(p))
+    # Parameters shared by several names (tied embeddings) are saved once.
+    by_id: dict[int, list[str]] = {}
+    shapes = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(n)
+        shapes[n] = param_shape(p)
+    persistent_buffers = {n: tuple(b.shape) for n, b in model.state_dict().items() if n not in shapes}
+    expected = dict(persistent_buffers)
+    for names in by_id.values():
+        present = [n for n in names if n in got]
+        for n in present or names[:1]:
+            expected[n] = shapes[n]
+    check_state_dict(expected, got, f"{checkpoint} (full model)")
+    tensors = {}
+    for p in paths:
+        tensors.update(read_safetensors(p))
+    if heads_expected is not None:
+        heads_path = os.path.join(checkpoint, TRAINABLE_WEIGHTS)
+        if not os.path.isfile(heads_path):
+            raise CheckpointError(f"{checkpoint}: {TRAINABLE_WEIGHTS} (distillation heads) missing")
+        check_state_dict(heads_expected, read_safetensors_shapes(heads_path), heads_path)
+        tensors.update(read_safetensors(heads_path))
+    return tensors
+
+
+def saved_world_size(checkpoint: str | os.PathLike) -> int | None:
+    """How many ranks wrote a Trainer checkpoint: one writes ``rng_state.pth``, several ``rng_state_<rank>.pth``."""
+    names = os.listdir(checkpoint)
+    ranks = [int(m.group(1)) for n in names if (m := re.fullmatch(r"rng_state_(\d+)\.pth", n))]
+    if ranks:
+        return max(ranks) + 1
+    return 1 if "rng_state.pth" in names else None
 
 
 def load_trainable(
@@ -446,12 +583,6 @@ def load_trainable(
 
     Returns ``(model, heads_state_dict)``; the heads' state dict is for training to restore.
     """
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-    from transformers import AutoModelForCausalLM
-
-    from .model.configuration_vora import VoRAConfig
-    from .model.modeling_vora import VoRAForCausalLM
-
     directory = Path(directory)
     run = run_info(directory)
     kind = checkpoint_kind(directory, run)
@@ -463,7 +594,9 @@ def load_trainable(
     trainable_path = directory / TRAINABLE_WEIGHTS
     if kind == "full":
         model = VoRAForCausalLM.from_pretrained(str(directory), **kwargs)
-        heads = split_trainable(load_file(str(trainable_path)), str(trainable_path))[1] if trainable_path.is_file() else {}
+        heads = {}
+        if trainable_path.is_file():
+            heads = split_trainable(load_file(str(trainable_path)), str(trainable_path))[1]
         if not is_trainable:
             model.eval()
         return model, heads
@@ -531,8 +664,6 @@ def write_manifest(directory: str | os.PathLike, run_id: str, step: int) -> None
 
 
 def _check_safetensors(path: Path) -> None:
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), "pt") as f:
             for k in f.keys():

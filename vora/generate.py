@@ -19,6 +19,16 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+from huggingface_hub import snapshot_download
+from PIL import Image
+from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, TextStreamer
+
+from .checkpoint import ADAPTER_WEIGHTS, RUN_FILE, TRAINABLE_WEIGHTS, is_full_model
+from .model.modeling_vora import check_attention_for
+
+# The Auto classes know VoRA models through vora/__init__.py (imported with this module): no remote code needed.
+
 
 class UsageError(SystemExit):
     """Bad input: ``vora-generate: error: MESSAGE`` on stderr and exit status 2 (no traceback)."""
@@ -44,7 +54,8 @@ def build_inputs(processor, images: list, prompt: str, raw: bool = False, system
         return processor(images=images or None, text=text, return_tensors="pt")
     content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": prompt}]
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                         return_tensors="pt")
 
 
 def resolve_model(model: str) -> str:
@@ -56,13 +67,9 @@ def resolve_model(model: str) -> str:
         if path.exists():
             raise UsageError(f"--model {model} is a file, not a model directory")
         try:
-            from huggingface_hub import snapshot_download
-
             path = Path(snapshot_download(model, local_files_only=True))
         except Exception:  # not a hub id, or not in the cache
             raise UsageError(f"--model {model}: no such directory (pass the directory vora-merge wrote)") from None
-    from .checkpoint import ADAPTER_WEIGHTS, RUN_FILE, TRAINABLE_WEIGHTS, is_full_model
-
     if not is_full_model(path):
         if any((path / f).is_file() for f in (ADAPTER_WEIGHTS, TRAINABLE_WEIGHTS, RUN_FILE)):
             raise UsageError(f"--model {model} is a training checkpoint (no merged weights): merge it first with "
@@ -106,17 +113,10 @@ def cap_new_tokens(requested: int, prompt_len: int, config) -> int:
 
 def load(model_dir: str, device: str = "auto", dtype: str = "auto", attn_implementation: str | None = None):
     """(model, processor) from a merged directory; uses the installed vora classes."""
-    from transformers import AutoProcessor
-
     return load_model(model_dir, device, dtype, attn_implementation), AutoProcessor.from_pretrained(model_dir)
 
 
 def load_model(model_dir: str, device: str = "auto", dtype: str = "auto", attn_implementation: str | None = None):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    import vora  # noqa: F401  (registers the Auto classes: no remote code needed)
-
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     kwargs = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
@@ -126,7 +126,8 @@ def load_model(model_dir: str, device: str = "auto", dtype: str = "auto", attn_i
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vora-generate", description="Generate text about images with a merged VoRA model (tokens stream to stdout).")
+    p = argparse.ArgumentParser(prog="vora-generate", description="Generate text about images with a merged VoRA "
+                                "model (tokens stream to stdout).")
     p.add_argument("--model", required=True, help="merged model directory (vora-merge output)")
     p.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
     p.add_argument("--prompt", required=True, help="the user's question / instruction")
@@ -138,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--attn-implementation", default=None, help="sdpa (default), eager or flex_attention")
-    p.add_argument("--raw", action="store_true", help="no chat template: the prompt is the model input (with <image> placeholders)")
+    p.add_argument("--raw", action="store_true",
+                   help="no chat template: the prompt is the model input (with <image> placeholders)")
     return p
 
 
@@ -158,13 +160,6 @@ def generate(args) -> int:
         raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-    import torch
-    from PIL import Image
-    from transformers import AutoConfig, AutoProcessor, TextStreamer
-
-    import vora  # noqa: F401  (registers the Auto classes: no remote code needed)
-    from vora.model.modeling_vora import check_attention_for
-
     model_dir = resolve_model(args.model)
     try:  # before loading: a kernel that drops the image mask would answer about causally-read images
         check_attention_for(model_dir, args.attn_implementation, "--attn-implementation")
