@@ -3,9 +3,10 @@
 Loss. ``VoRAForTraining`` returns ``LM cross-entropy + λ · distillation``. Per optimizer step the trainer makes
 the LM term the mean over all label tokens of the step and the distillation term the mean over all images of the
 step (all micro-batches, all ranks; text-only micro-batches contribute 0 with weight 0), whatever the split into
-micro-batches and ranks: the model gets the step's label-token count, and λ is rescaled per micro-batch by its
-share of the step's images. The logged ``loss`` is therefore the step's objective, ``lm_loss`` / ``distill_loss`` /
-``distill_block_k`` its parts, plus ``tokens_per_second`` and ``images_per_second`` (all ranks).
+micro-batches and ranks: the model gets the step's label-token and image counts (divided by the ranks) and
+``vora.distill.objective`` normalises by them; the trainer never writes to the model. The logged ``loss`` is
+therefore the step's objective, ``lm_loss`` / ``distill_loss`` / ``distill_block_k`` its parts, plus
+``tokens_per_second`` and ``images_per_second`` (all ranks).
 
 Checkpoints (``output_dir/checkpoint-N``): the trainable weights only — peft adapter, ``vora_trainable.safetensors``
 (patch embedding, distillation heads), ``config.json``, ``vora_run.json``, the processor — or, when the whole
