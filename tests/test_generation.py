@@ -244,6 +244,31 @@ def test_vora_generate_cli_streams(world, models, processor, tmp_path, capsys):
         generate_main(["--model", str(world.merged_dir), "--image", str(tmp_path / "nope.png"), "--prompt", "x"])
 
 
+def test_cli_opens_images_like_training(world, tmp_path, monkeypatch):
+    # A photo stored sideways with EXIF orientation 6: vora-generate sees it upright, as the training data path does.
+    from PIL import Image
+
+    import vora.generate as gen
+
+    upright = Image.new("RGB", (28, 56), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "rot.png", exif=exif)
+    seen = []
+
+    class Seen(Exception):
+        pass
+
+    def record(processor, img, path):
+        seen.append(img.size)
+        raise Seen
+
+    monkeypatch.setattr(gen, "check_image", record)
+    with pytest.raises(Seen):
+        generate_main(["--model", str(world.merged_dir), "--image", str(tmp_path / "rot.png"), "--prompt", "x"])
+    assert seen == [(28, 56)]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_cuda_cached_greedy_equals_reference(world, processor, attn):

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import snapshot_download
-from PIL import Image
 from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, TextStreamer
 
 from .checkpoint import ADAPTER_WEIGHTS, RUN_FILE, TRAINABLE_WEIGHTS, is_full_model
 from .model.modeling_vora import check_attention_for
+from .model.processing_vora import open_image
 
 # The Auto classes know VoRA models through vora/__init__.py (imported with this module): no remote code needed.
 
@@ -169,9 +169,8 @@ def generate(args) -> int:
     images = []
     for path in args.image:
         try:
-            img = Image.open(path)
-            img.load()
-        except (OSError, ValueError) as e:
+            img = open_image(path)  # the opener training uses (EXIF orientation applied)
+        except (OSError, ValueError, TypeError) as e:
             raise UsageError(f"cannot read image {path}: {e}") from None
         check_image(processor, img, path)
         images.append(img.convert("RGB"))
