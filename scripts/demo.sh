@@ -4,7 +4,7 @@
 #   bash scripts/demo.sh --fast          # ~2–3 min, lower bar
 #   bash scripts/demo.sh --seed 0 1 2    # three seeds, each in demo_out/seed-S/, and their spread
 #   bash scripts/demo.sh --no-distill | --attention causal | --lora-layers K    # ablations
-#   bash scripts/demo.sh --compare       # default + the three ablations, one table
+#   bash scripts/demo.sh --compare       # default, --no-distill and --attention causal, one table
 # Creates .venv on first use (torch==2.14.1 + torchvision==0.29.1 first, then `pip install -e .[test]`);
 # later runs skip what is installed. Everything it writes goes to demo_out/ (or --out DIR); library warnings go to
 # its logs/, not to the console. Prints the time of each stage and ends with one line: `demo: PASS …` or `demo: FAIL …`.

@@ -214,7 +214,9 @@ def test_flags_map_to_recipe_overrides_that_validate():
     assert v.ablation and v.name == "no-distill+causal+lora-2"
     assert v.overrides == ["distill=null", "model.attention_mode=causal", "lora.layers=2"]
     assert not R.variant_from_args(R.parse_args([])).ablation
-    variants = R.compare_variants(2)
+    assert [x.name for x in R.compare_variants()] == ["vora", "no-distill", "causal"]
+    assert R.parse_args(["--compare"]).compare_lora_layers is None
+    variants = R.compare_variants(R.parse_args(["--compare", "--compare-lora-layers", "2"]).compare_lora_layers)
     assert [x.name for x in variants] == ["vora", "no-distill", "causal", "lora-2"]
     for x in variants:
         recipe = load_recipe(str(R.RECIPE), x.overrides)

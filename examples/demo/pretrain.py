@@ -168,7 +168,7 @@ def _fmt(acc: dict[str, float]) -> str:
 
 
 def pretrain_llm(path: str, corpus_dir: str, layers: int = 4, hidden: int = 128, steps: int = 250,
-                 batch_size: int = 32, lr: float = 1e-3, seed: int = 0, eval_every: bool = False, log=print) -> str:
+                 batch_size: int = 32, lr: float = 5e-4, seed: int = 0, eval_every: bool = False, log=print) -> str:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     settings = dict(layers=layers, hidden=hidden, steps=steps, batch_size=batch_size, lr=lr, seed=seed, version=2,
@@ -193,7 +193,8 @@ def pretrain_llm(path: str, corpus_dir: str, layers: int = 4, hidden: int = 128,
         captions = [line.strip() for line in f if line.strip()]
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    # warm-up, constant, linear decay over the last fifth (higher rates than 1e-3 were unstable here)
+    # warm-up, constant, linear decay over the last fifth. 5e-4: at 1e-3 the LLM failed to learn to read the shape
+    # word on 2 of 3 seeds (text-only shape answers 24 % and 33 % for seeds 1 and 2; 100 % for all three at 5e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt,
                                               lambda s: min((s + 1) / 20, 1.0, max(0.05, (steps - s) / (0.2 * steps))))
     model.train()

@@ -80,13 +80,17 @@ def lora_overrides(k: int, distill: bool = True) -> list[str]:
     return out
 
 
-def compare_variants(k: int) -> list[Variant]:
-    return [
+def compare_variants(k: int | None = None) -> list[Variant]:
+    """The default and the two ablations of the method's ideas (distillation, bidirectional attention inside the
+    image); with ``k``, also LoRA on the first ``k`` blocks only."""
+    variants = [
         Variant("vora", "VoRA (default)"),
         Variant("no-distill", "--no-distill", ["distill=null"], True),
         Variant("causal", "--attention causal", ["model.attention_mode=causal"], True),
-        Variant(f"lora-{k}", f"--lora-layers {k}", lora_overrides(k), True),
     ]
+    if k is not None:
+        variants.append(Variant(f"lora-{k}", f"--lora-layers {k}", lora_overrides(k), True))
+    return variants
 
 
 # ------------------------------------------------------------------------------------------------
@@ -473,9 +477,13 @@ def parse_args(argv=None):
                    help="attention inside image tokens")
     p.add_argument("--lora-layers", type=int, default=None, metavar="K",
                    help="ablation: LoRA on the first K blocks only")
-    p.add_argument("--compare", action="store_true", help="run the default and the three ablations; print one table")
-    p.add_argument("--compare-lora-layers", type=int, default=2, metavar="K", help="K used by --compare (default 2)")
-    p.add_argument("--steps", type=int, default=None, help="stage-1 steps (default: 1000, --fast: 200)")
+    p.add_argument("--compare", action="store_true",
+                   help="run the default, --no-distill and --attention causal; print one table")
+    p.add_argument("--compare-lora-layers", type=int, default=None, metavar="K",
+                   help="with --compare: also a row with LoRA on the first K blocks only")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"stage-1 steps (default: {PRESETS['full']['stage1_steps']}, "
+                        f"--fast: {PRESETS['fast']['stage1_steps']})")
     p.add_argument("--seed", type=int, nargs="+", default=[0], metavar="S",
                    help="seed of corpus, stand-ins and training (default 0); several run one after another, each in "
                         "OUT/seed-S/, and the spread across them is printed")
