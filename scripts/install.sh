@@ -18,10 +18,18 @@ fi
 # environment on the machine (another venv's build forces a rebuild, minutes on a busy machine, inside whatever
 # first needs them). This environment gets its own cache, set for every process that runs its Python (a .pth
 # line), and on a machine without a GPU the two CPU ops the tests and the demo use are built now, once.
+# The same line puts .venv/bin first on PATH, as `source .venv/bin/activate` does: torch builds with the first
+# `ninja` on PATH, and the venv's ninja (1.13) and a system one (1.11) hash build commands differently, so runs with
+# and without the venv activated rebuilt the ops in turn (a minute each, inside a training run).
 site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 ext_dir="$PWD/.venv/torch_extensions"
-echo "import os; os.environ.setdefault('TORCH_EXTENSIONS_DIR', '$ext_dir')" > "$site/vora_torch_extensions.pth"
-if [ ! -f "$ext_dir/deepspeed_shm_comm/deepspeed_shm_comm.so" ] || [ ! -f "$ext_dir/cpu_adam/cpu_adam.so" ]; then
+bin_dir="$PWD/.venv/bin"
+echo "import os; os.environ.setdefault('TORCH_EXTENSIONS_DIR', '$ext_dir'); os.environ['PATH'] = os.pathsep.join(['$bin_dir'] + [p for p in os.environ.get('PATH', '').split(os.pathsep) if p and p != '$bin_dir'])" > "$site/vora_torch_extensions.pth"
+# Rebuilt when missing or when the ninja that builds them changed (an environment made before the PATH line above).
+stamp="$ext_dir/built_with_ninja"
+ninja_now=$(.venv/bin/python -c "import shutil, subprocess; n = shutil.which('ninja'); print(n, subprocess.run([n, '--version'], capture_output=True, text=True).stdout.strip() if n else '')")
+if [ ! -f "$ext_dir/deepspeed_shm_comm/deepspeed_shm_comm.so" ] || [ ! -f "$ext_dir/cpu_adam/cpu_adam.so" ] \
+   || [ "$(cat "$stamp" 2>/dev/null)" != "$ninja_now" ]; then
   echo "install: building DeepSpeed's CPU ops into $ext_dir (once)"
   if .venv/bin/python - > .venv/torch_extensions.log 2>&1 <<'PY'
 import torch
@@ -34,5 +42,6 @@ if not torch.cuda.is_available():
         if builder is not None and builder.is_compatible():
             builder.load(verbose=False)
 PY
-  then :; else echo "install: building DeepSpeed's CPU ops failed: see .venv/torch_extensions.log" >&2; exit 1; fi
+  then echo "$ninja_now" > "$stamp"
+  else echo "install: building DeepSpeed's CPU ops failed: see .venv/torch_extensions.log" >&2; exit 1; fi
 fi
