@@ -574,14 +574,15 @@ def main(argv=None) -> int:
         say(f"demo: FAIL — a stage failed (library warnings: {rel(out / 'logs' / 'demo.log')})")
         return 1
     if args.compare or len(args.seed) > 1:
-        heldout = results[0]["heldout_questions"]
+        counts = sorted({r["heldout_questions"] for r in results})  # each seed draws its own held-out questions
+        heldout = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
         say(f"\n[compare] same recipe and {steps} steps"
             + (f", seeds {' '.join(map(str, args.seed))} (each its own corpus, stand-ins and training)"
                if len(args.seed) > 1
                else ", same corpus and stand-ins")
-            + f"; accuracy of the merged models on all {heldout} held-out questions; losses: mean of the last 50 "
-            f"steps; →80 %: first checkpoint (every {preset['save_steps']} steps, {preset['curve_questions']} held-out "
-            "questions) with colour and shape ≥ 80 %")
+            + f"; accuracy of the merged models on all {heldout} held-out questions (of their seed); "
+            f"losses: mean of the last 50 steps; →80 %: first checkpoint (every {preset['save_steps']} steps, "
+            f"{preset['curve_questions']} held-out questions) with colour and shape ≥ 80 %")
         text = print_compare(results)
         (out / "results").mkdir(parents=True, exist_ok=True)
         with open(out / "results" / "compare.txt", "w") as f:
