@@ -268,6 +268,11 @@ def test_several_seeds_print_their_spread_and_one_verdict():
     assert not ok and line == "demo: FAIL — default configuration (seed 0): colour 99.0 % ≥ 90 %, shape 87.0 % < 90 %"
     ok, _ = R.verdict(good + [result(3, 0.899)], bars)
     assert not ok
+    # each seed draws its own held-out questions: the caption gives their range, not the first seed's count
+    counted = [dict(r, heldout_questions=n) for r, n in zip(good, (1135, 1141, 1135))]
+    caption = R.compare_caption(counted, [0, 1, 2], 1200, R.PRESETS["full"])
+    assert "seeds 0 1 2" in caption and "all 1135–1141 held-out questions" in caption
+    assert "all 1135 held-out questions" in R.compare_caption(counted[:1], [0], 1200, R.PRESETS["full"])
     text = R.print_compare(good)
     assert "VoRA (default) seed 1" in text and text.splitlines()[-1].split()[:4] == ["spread", "(min–max)", "99–99",
                                                                                      "93–97"]

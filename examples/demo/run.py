@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "configs" / "demo_stage1.yaml"
 
-# Two budgets. "full" is the README's first command (≤ 10 minutes on 2 idle CPU cores: ~7.5 at 1 000 steps);
+# Two budgets. "full" is the README's first command (≤ 10 minutes on 2 idle CPU cores: 7.5–9 measured);
 # "fast" is what tests/test_demo.py runs (~2–3 minutes).
 PRESETS = {
     "full": dict(n_train=6000, n_heldout=300, llm_steps=250, teacher_steps=800, stage1_steps=1200, save_steps=100,
@@ -376,6 +376,18 @@ def print_compare(results: list[dict]) -> str:
     return text
 
 
+def compare_caption(results: list[dict], seeds: list[int], steps: int, preset: dict) -> str:
+    """The line above the --compare table: what was compared and how each column was measured."""
+    counts = sorted({r["heldout_questions"] for r in results})  # each seed draws its own held-out questions
+    heldout = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+    return (f"[compare] same recipe and {steps} steps"
+            + (f", seeds {' '.join(map(str, seeds))} (each its own corpus, stand-ins and training)" if len(seeds) > 1
+               else ", same corpus and stand-ins")
+            + f"; accuracy of the merged models on all {heldout} held-out questions (of their seed); "
+            f"losses: mean of the last 50 steps; →80 %: first checkpoint (every {preset['save_steps']} steps, "
+            f"{preset['curve_questions']} held-out questions) with colour and shape ≥ 80 %")
+
+
 def spread(results: list[dict], attribute: str) -> str:
     """Accuracy range across seeds in points, e.g. "93–96" (rounded down / up to whole points)."""
     vals = [100 * r["accuracy"].get(attribute, 0) for r in results]
@@ -574,15 +586,7 @@ def main(argv=None) -> int:
         say(f"demo: FAIL — a stage failed (library warnings: {rel(out / 'logs' / 'demo.log')})")
         return 1
     if args.compare or len(args.seed) > 1:
-        counts = sorted({r["heldout_questions"] for r in results})  # each seed draws its own held-out questions
-        heldout = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
-        say(f"\n[compare] same recipe and {steps} steps"
-            + (f", seeds {' '.join(map(str, args.seed))} (each its own corpus, stand-ins and training)"
-               if len(args.seed) > 1
-               else ", same corpus and stand-ins")
-            + f"; accuracy of the merged models on all {heldout} held-out questions (of their seed); "
-            f"losses: mean of the last 50 steps; →80 %: first checkpoint (every {preset['save_steps']} steps, "
-            f"{preset['curve_questions']} held-out questions) with colour and shape ≥ 80 %")
+        say("\n" + compare_caption(results, args.seed, steps, preset))
         text = print_compare(results)
         (out / "results").mkdir(parents=True, exist_ok=True)
         with open(out / "results" / "compare.txt", "w") as f:
