@@ -28,7 +28,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from vora import VoRAConfig, VoRAForCausalLM  # noqa: E402
+from vora.build import check_flex_can_train  # noqa: E402
 from vora.collator import VoRACollator  # noqa: E402
+from vora.config import ConfigError  # noqa: E402
 
 # name: LLM (hidden, layers, heads, kv heads, ffn, vocab), patch, LoRA rank, corpus (samples, text scale, max image
 # side in patches), micro-batch, row capacity
@@ -139,6 +141,11 @@ def main(argv=None) -> int:
         if getattr(args, key) is not None:
             shape[key] = getattr(args, key)
     attn = args.attn or ("flex_attention" if device.type == "cuda" else "sdpa")
+    if attn == "flex_attention":
+        try:
+            check_flex_can_train(device, "--attn", fix="--attn sdpa")
+        except ConfigError as e:
+            raise SystemExit(f"bench_packing: error: {e}") from None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     bucket = 128 if attn == "flex_attention" else 8
 

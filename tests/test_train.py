@@ -370,6 +370,19 @@ def test_stage2_trainable_sets(world, tmp_path, spec):
         assert not llm
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="flex_attention trains on CUDA")
+def test_flex_attention_training_on_cpu_is_refused_before_loading(world, tmp_path):
+    """torch 2.14 has no flex_attention backward on CPU: a GPU recipe run on a CPU box fails with one line naming
+    the key before any model loads, not at the first backward from inside torch."""
+    from vora.build import build_model, build_training_arguments
+    from vora.config import ConfigError
+
+    recipe = _recipe(world, tmp_path / "o", "model.attn_implementation=flex_attention")
+    with pytest.raises(ConfigError, match=r"command line: model\.attn_implementation: 'flex_attention' cannot train "
+                                          r"on cpu .*use 'sdpa'"):
+        build_model(recipe, build_training_arguments(recipe))
+
+
 @pytest.mark.e2e
 def test_resume_loads_strictly(world, zero2_run, tmp_path):
     """Missing or unexpected keys in a checkpoint are named; nothing is loaded with strict=False."""
