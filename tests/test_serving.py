@@ -31,6 +31,59 @@ def world(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------------------
+# chat template: content parts in order (what vLLM passes for a chat request with images)
+# ------------------------------------------------------------------------------------------------
+IMG = {"type": "image"}  # how vLLM hands an image part to the template (no pixels)
+PART_CONVERSATIONS = [
+    [{"role": "user", "content": [IMG, {"type": "text", "text": "What is in the image?"}]}],
+    [{"role": "user", "content": [{"type": "text", "text": "Look:"}, IMG, {"type": "text", "text": "and"}, IMG,
+                                  {"type": "text", "text": " which is red?"}]}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [IMG, IMG, "both?"]},
+     {"role": "assistant", "content": [{"type": "text", "text": "yes"}]},
+     {"role": "user", "content": [{"type": "text", "text": "and now"}, IMG]}],
+    [{"role": "user", "content": [IMG, {"type": "text", "text": "\nalready on a new line"}]}],
+]
+
+
+def with_pixels(conversation, image):
+    return [{**m, "content": [{**p, "image": image} if p == IMG else p for p in m["content"]]}
+            if isinstance(m["content"], list) else m for m in conversation]
+
+
+@pytest.mark.parametrize("k", range(len(PART_CONVERSATIONS)))
+def test_merged_chat_template_renders_content_parts_like_the_processor(world, k):
+    """The merged tokenizer's template, given content parts as vLLM's chat front end passes them, renders exactly
+    the prompt VoRAProcessor.apply_chat_template makes (normalize_messages in Python + the LLM's template)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(world.merged_dir)
+    ours = AutoProcessor.from_pretrained(world.merged_dir)
+    conv = PART_CONVERSATIONS[k]
+    got = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    want = ours.apply_chat_template(with_pixels(conv, make_image(12, 16, seed=1)), add_generation_prompt=True)
+    assert got == want and "<image>" in got
+
+
+def test_merged_chat_template_is_the_llms_for_strings(world):
+    """String content renders as with the base LLM's own template; the prologue is added once; unknown part types
+    are refused by name."""
+    from transformers import AutoTokenizer
+
+    from vora.model.processing_vora import with_content_parts
+
+    merged, base = AutoTokenizer.from_pretrained(world.merged_dir), AutoTokenizer.from_pretrained(world.tok_dir)
+    conv = [{"role": "system", "content": "s"}, {"role": "user", "content": "<image>\nhi"},
+            {"role": "assistant", "content": "ok"}]
+    for gen in (False, True):
+        assert (merged.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
+                == base.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen))
+    assert merged.chat_template != base.chat_template
+    assert with_content_parts(merged.chat_template) == merged.chat_template
+    with pytest.raises(Exception, match="unsupported content part type audio"):
+        merged.apply_chat_template([{"role": "user", "content": [{"type": "audio"}]}], tokenize=False)
+
+
+# ------------------------------------------------------------------------------------------------
 # config.json
 # ------------------------------------------------------------------------------------------------
 REMOTE = """

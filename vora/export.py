@@ -19,7 +19,7 @@ from transformers import GenerationConfig
 from .checkpoint import CheckpointError
 from .integrations.serving import add_vllm_config_fields
 from .model import CODE_DIR, CODE_FILES
-from .model.processing_vora import CHATML_TEMPLATE
+from .model.processing_vora import CHATML_TEMPLATE, with_content_parts
 
 AUTO_MAP = {
     "AutoConfig": "configuration_vora.VoRAConfig",
@@ -55,11 +55,20 @@ def write_code_files(directory: str | os.PathLike) -> None:
 
 
 def save_inference_processor(directory: str | os.PathLike, processor) -> None:
-    """The processor (tokenizer padding on the left, for batched generate) + preprocessor_config.json."""
+    """The processor (tokenizer padding on the left, for batched generate, chat templates that also take content
+    parts: :func:`with_content_parts`) + preprocessor_config.json."""
     processor.tokenizer.padding_side = "left"
     processor.tokenizer.init_kwargs["padding_side"] = "left"
     if processor._template_source() == "fallback":
         processor.chat_template = CHATML_TEMPLATE  # save the template the processor uses, explicitly
+    # Templates that also render content parts in order (what vLLM passes for a chat request with images).
+    tok, image = processor.tokenizer, processor.image_token
+    if isinstance(tok.chat_template, dict):
+        tok.chat_template = {name: with_content_parts(t, image) for name, t in tok.chat_template.items()}
+    elif tok.chat_template:
+        tok.chat_template = with_content_parts(tok.chat_template, image)
+    if isinstance(processor.chat_template, str) and processor.chat_template:
+        processor.chat_template = with_content_parts(processor.chat_template, image)
     processor.save_pretrained(str(directory))
     processor.image_processor.save_pretrained(str(directory))  # preprocessor_config.json for AutoImageProcessor
 

@@ -14,6 +14,7 @@ Training labels (conversation → ``input_ids``/``labels``) are not shipped: see
 from __future__ import annotations
 
 import io
+import json
 import os
 from typing import Any
 
@@ -149,6 +150,48 @@ def normalize_messages(messages: list[dict], image_token: str = IMAGE_TOKEN) -> 
             raise ValueError(f"message {i} content is {type(content).__name__}")
         out.append({"role": role, "content": text})
     return out, images
+
+
+CONTENT_PARTS_MARK = "{#- vora: content parts rendered as normalize_messages renders them -#}"
+
+
+def with_content_parts(template: str, image_token: str = IMAGE_TOKEN) -> str:
+    """``template`` preceded by a Jinja prologue that turns list content (OpenAI-style parts, as serving engines
+    pass them) into the string :func:`normalize_messages` makes: ``image_token`` per image part, a newline
+    between an image and text that follows it, texts concatenated. String content passes through, so prompts
+    rendered from strings are unchanged. Why: vLLM renders chat requests with the tokenizer's template and, for a
+    template that only takes strings, puts every image first; for this one it passes the parts in order, so a
+    chat request renders exactly as ``VoRAProcessor.apply_chat_template`` does. Idempotent."""
+    if template.startswith(CONTENT_PARTS_MARK):
+        return template
+    image = json.dumps(image_token)  # a valid Jinja string literal
+    prologue = (
+        "{%- set vora_ns = namespace(messages=[]) -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['content'] is string or message['content'] is none -%}"
+        "{%- set vora_ns.messages = vora_ns.messages + [message] -%}"
+        "{%- else -%}"
+        "{%- set parts_ns = namespace(text='', after_image=false) -%}"
+        "{%- for part in message['content'] -%}"
+        "{%- if part is string -%}{%- set part = {'type': 'text', 'text': part} -%}{%- endif -%}"
+        "{%- if part['type'] in ['image', 'image_url'] -%}"
+        "{%- set parts_ns.text = parts_ns.text + " + image + " -%}{%- set parts_ns.after_image = true -%}"
+        "{%- elif part['type'] == 'text' or (part['type'] is not defined and part['text'] is defined) -%}"
+        "{%- set text = part['text'] or '' -%}"
+        "{%- if parts_ns.after_image and text and not text[0].isspace() -%}"
+        "{%- set parts_ns.text = parts_ns.text + '\\n' -%}"
+        "{%- endif -%}"
+        "{%- set parts_ns.text = parts_ns.text + text -%}{%- set parts_ns.after_image = false -%}"
+        "{%- else -%}"
+        "{{- raise_exception('VoRA: unsupported content part type ' ~ part['type'] ~ ' (use text or image)') -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- set vora_ns.messages = vora_ns.messages + [dict(message, content=parts_ns.text)] -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- set messages = vora_ns.messages -%}\n"
+    )
+    return CONTENT_PARTS_MARK + prologue + template
 
 
 class VoRAProcessor(ProcessorMixin):
@@ -346,4 +389,6 @@ class VoRAProcessor(ProcessorMixin):
 # ``AutoProcessor.from_pretrained(dir, trust_remote_code=True)`` works without the vora package.
 VoRAProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["VoRAProcessor", "normalize_messages", "open_image", "IMAGE_TOKEN", "CHATML_TEMPLATE"]
+__all__ = [
+    "VoRAProcessor", "normalize_messages", "with_content_parts", "open_image", "IMAGE_TOKEN", "CHATML_TEMPLATE",
+]
