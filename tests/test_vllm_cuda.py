@@ -2,6 +2,8 @@
 elsewhere). One prompt with two images of 4x4 and 6x5 patches:
 
 - float32: vLLM's prompt log-probs equal transformers' (|Δ| ≤ 2e-3 nats) and greedy tokens are identical;
+- the same conversation sent as an OpenAI chat request (`LLM.chat`, data-URL images between text parts) gets the
+  same prompt ids and greedy tokens as the processor's prompt;
 - bfloat16: mean |Δ log-prob| ≤ 0.05 nats and ≤ 10 % of what serving causally changes; greedy tokens identical up
   to a step where transformers' top-2 logit margin is below 0.25 (a bf16 near-tie: logits here are ~10 in
   size, bf16 keeps ~3 significant digits);
@@ -31,19 +33,28 @@ ROOT = Path(__file__).resolve().parents[1]
 MAX_NEW = 8
 
 ENGINE = r"""
-import json, sys
+import base64, json, sys
 from PIL import Image
 from vllm import LLM, SamplingParams
 
 model_dir, dtype, prompt, images, out = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), sys.argv[5]
+parts = json.loads(sys.argv[6])
 llm = LLM(model=model_dir, dtype=dtype, max_model_len=512, gpu_memory_utilization=0.25, enforce_eager=True,
           seed=0, limit_mm_per_prompt={"image": 2}, max_num_seqs=4)
 params = SamplingParams(max_tokens=%d, temperature=0.0, prompt_logprobs=0)
 [res] = llm.generate({"prompt": prompt, "multi_modal_data": {"image": [Image.open(p) for p in images]}}, params)
 ids = res.prompt_token_ids
 lps = [None] + [res.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))]
-json.dump({"prompt_ids": ids, "prompt_logprobs": lps, "tokens": list(res.outputs[0].token_ids)}, open(out, "w"))
-""" % MAX_NEW
+# the same conversation as an OpenAI chat request (data-URL images between text parts), as `vllm serve` gets it
+url = lambda p: "data:image/png;base64," + base64.b64encode(open(p, "rb").read()).decode()
+chat = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url(images[v])}} if kind == "image"
+                                     else {"type": "text", "text": v} for kind, v in parts]}]
+[c] = llm.chat(chat, SamplingParams(max_tokens=%d, temperature=0.0), use_tqdm=False)
+json.dump({"prompt_ids": ids, "prompt_logprobs": lps, "tokens": list(res.outputs[0].token_ids),
+           "chat_prompt_ids": list(c.prompt_token_ids), "chat_tokens": list(c.outputs[0].token_ids)}, open(out, "w"))
+""" % (MAX_NEW, MAX_NEW)
+# the test prompt: text and two images interleaved
+PARTS = [("text", "Look:"), ("image", 0), ("text", "and"), ("image", 1), ("text", "What is in the picture?")]
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +70,8 @@ def setup(tmp_path_factory):
     from vora.model.processing_vora import VoRAProcessor
 
     proc = VoRAProcessor.from_pretrained(str(world.merged_dir))
-    conv = [{"role": "user", "content": [
-        {"type": "text", "text": "Look:"}, {"type": "image", "image": images[0]},
-        {"type": "text", "text": "and"}, {"type": "image", "image": images[1]},
-        {"type": "text", "text": "What is in the picture?"}]}]
+    conv = [{"role": "user", "content": [{"type": "image", "image": images[v]} if kind == "image"
+                                         else {"type": "text", "text": v} for kind, v in PARTS]}]
     prompt = proc.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
     return world, root, images, paths, prompt, proc
 
@@ -80,8 +89,8 @@ def variant(world, root, name, **config_changes) -> Path:
 
 def run_vllm(model_dir, dtype, prompt, paths, out):
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run([sys.executable, "-c", ENGINE, str(model_dir), dtype, prompt, json.dumps(paths), str(out)],
-                          env=env, capture_output=True, text=True, timeout=600)
+    argv = [str(model_dir), dtype, prompt, json.dumps(paths), str(out), json.dumps(PARTS)]
+    proc = subprocess.run([sys.executable, "-c", ENGINE, *argv], env=env, capture_output=True, text=True, timeout=600)
     return proc, (json.loads(Path(out).read_text()) if proc.returncode == 0 else None)
 
 
@@ -128,6 +137,9 @@ def test_vllm_matches_transformers_and_keeps_the_image_mask(setup, tmp_path, dty
     p, got = run_vllm(world.merged_dir, dtype, prompt, paths, tmp_path / "vllm.json")
     assert got is not None, p.stderr[-4000:]
     assert got["prompt_ids"] == ids  # vLLM's placeholder expansion = VoRAProcessor's
+    # an OpenAI chat request with the same parts renders the same prompt (images kept between the text) and answers
+    # the same
+    assert got["chat_prompt_ids"] == ids and got["chat_tokens"] == got["tokens"]
     causal_dir = variant(world, root, "causal", attention_mode="causal", is_mm_prefix_lm=False)
     p, causal = run_vllm(causal_dir, dtype, prompt, paths, tmp_path / "causal.json")
     assert causal is not None, p.stderr[-4000:]
