@@ -32,6 +32,18 @@ def _rows(path):
         return [json.loads(line) for line in f]
 
 
+def test_examples_wins_over_an_installed_top_level_examples_package(tmp_path):
+    """lmms-eval's environment has a top-level `examples` package (tqdm-multiprocess ships one); from the
+    repository root `python -m examples.demo.export_lmms_task` must still find ours."""
+    fake = tmp_path / "site" / "examples"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    code = "import importlib.util; print(importlib.util.find_spec('examples.demo').origin)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == str(REPO / "examples" / "demo" / "__init__.py"), out.stderr
+
+
 def test_corpus_is_llava_jsonl_with_text_only_rows_and_a_heldout_split(small_corpus):
     train = _rows(small_corpus / "train.jsonl")
     held = _rows(small_corpus / "heldout.jsonl")
