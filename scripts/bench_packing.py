@@ -28,9 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from vora import VoRAConfig, VoRAForCausalLM  # noqa: E402
-from vora.build import check_flex_can_train  # noqa: E402
+from vora.build import flex_training_problem  # noqa: E402
 from vora.collator import VoRACollator  # noqa: E402
-from vora.config import ConfigError  # noqa: E402
 
 # name: LLM (hidden, layers, heads, kv heads, ffn, vocab), patch, LoRA rank, corpus (samples, text scale, max image
 # side in patches), micro-batch, row capacity
@@ -141,11 +140,8 @@ def main(argv=None) -> int:
         if getattr(args, key) is not None:
             shape[key] = getattr(args, key)
     attn = args.attn or ("flex_attention" if device.type == "cuda" else "sdpa")
-    if attn == "flex_attention":
-        try:
-            check_flex_can_train(device, "--attn", fix="--attn sdpa")
-        except ConfigError as e:
-            raise SystemExit(f"bench_packing: error: {e}") from None
+    if attn == "flex_attention" and (problem := flex_training_problem(device)):
+        raise SystemExit(f"bench_packing: error: --attn: {problem}: --attn sdpa")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     bucket = 128 if attn == "flex_attention" else 8
 

@@ -44,9 +44,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vora import VoRAForCausalLM  # noqa: E402
 from vora import distill as vdistill  # noqa: E402
-from vora.build import check_flex_can_train  # noqa: E402
+from vora.build import flex_training_problem  # noqa: E402
 from vora.collator import VoRACollator  # noqa: E402
-from vora.config import ConfigError  # noqa: E402
 from vora.distill import VoRAForTraining, default_layer_map  # noqa: E402
 from vora.lora import add_lora  # noqa: E402
 from vora.model import modeling_vora  # noqa: E402
@@ -386,11 +385,8 @@ def main(argv=None):
     device = torch.device(args.device)
     if shape.gpu_only and device.type != "cuda":
         ap.error(f"--shape {args.shape}: a 7B model is built directly on the GPU; run it with --device cuda")
-    if args.attn_implementation == "flex_attention":
-        try:
-            check_flex_can_train(device, "--attn-implementation", fix="--attn-implementation sdpa")
-        except ConfigError as e:
-            ap.error(str(e))
+    if args.attn_implementation == "flex_attention" and (problem := flex_training_problem(device)):
+        ap.error(f"--attn-implementation: {problem}: --attn-implementation sdpa")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     ckpt = shape.checkpointing if args.gradient_checkpointing is None else args.gradient_checkpointing
     batches = tuple(args.batch or shape.batches)

@@ -113,7 +113,7 @@ def test_openai_chat_request_renders_like_vora_processor(world, order):
     want = ours.apply_chat_template(local, tokenize=False, add_generation_prompt=True)
     assert prompt == want and prompt.count("<image>") == len(images)
     assert len(mm_data["image"]) == len(images)
-    # and the images reach the multimodal processor in prompt order: same ids, pixels and grids as ours
+    # and the images reach the multimodal processor in prompt order: same ids and pixels as ours
     from vllm.multimodal import MULTIMODAL_REGISTRY
 
     processor = MULTIMODAL_REGISTRY.create_processor(mc)

@@ -75,21 +75,22 @@ def _torch_dtype(name: str | None, recipe: Recipe, args):
     return getattr(torch, name)
 
 
-def check_flex_can_train(device: torch.device, where: str, fix: str = "the override model.attn_implementation=sdpa"
-                         ) -> None:
-    """torch has no flex_attention backward on some devices (CPU and MPS in torch 2.14): say so before any model is
-    loaded instead of failing at the first backward from inside torch. Asked of torch with a 2-token probe (no
-    compile; torch refuses before computing), so a torch that adds the backward passes. CUDA has it: not probed."""
+def flex_training_problem(device: torch.device) -> str | None:
+    """Why flex_attention cannot train on ``device`` (torch 2.14 has no flex backward on CPU or MPS), else None.
+    Checked before any model loads, instead of failing at the first backward from inside torch. Asked of torch with
+    a 2-token probe (no compile; torch refuses before computing), so a torch that adds the backward passes. CUDA
+    has it: not probed."""
     if device.type == "cuda":
-        return
+        return None
     from torch.nn.attention.flex_attention import flex_attention
 
     q = torch.zeros(1, 1, 2, 8, device=device, requires_grad=True)
     try:
         flex_attention(q, q, q).sum().backward()
     except NotImplementedError as e:
-        raise ConfigError(f"{where}: 'flex_attention' cannot train on {device.type} with torch {torch.__version__} "
-                          f"({str(e).split('.')[0]}); use 'sdpa' there (the same mask, dense): {fix}") from None
+        return (f"'flex_attention' cannot train on {device.type} with torch {torch.__version__} "
+                f"({str(e).split('.')[0]}); use 'sdpa' there (the same mask, dense)")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------- teacher
@@ -195,8 +196,9 @@ def build_model(recipe: Recipe, args) -> Built:
     m = recipe.model
     dtype = _torch_dtype(m.dtype, recipe, args)
     attn = m.attn_implementation
-    if attn == "flex_attention":
-        check_flex_can_train(args.device, recipe.where("model.attn_implementation"))
+    if attn == "flex_attention" and (problem := flex_training_problem(args.device)):
+        raise ConfigError(f"{recipe.where('model.attn_implementation')}: {problem}: the override "
+                          "model.attn_implementation=sdpa")
 
     # ---- geometry: LLM depth/vocab, teacher depth/width/patch
     base_cfg = _auto_config(recipe.base, recipe.where("model.vora" if recipe.stage == 2 else "model.llm"))
