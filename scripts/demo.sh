@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The embedded demo: gives a tiny text LLM eyes with VoRA on a synthetic shapes corpus, on CPU.
 #   bash scripts/demo.sh                 # ≤ 10 min on 2 idle cores: corpus, stand-in LLM + teacher, stage 1, merge, held-out accuracy
-#   bash scripts/demo.sh --fast          # ~2–3 min, lower bar
+#   bash scripts/demo.sh --fast          # ~2–2.5 min, lower bar
 #   bash scripts/demo.sh --seed 0 1 2    # three seeds, each in demo_out/seed-S/, and their spread
 #   bash scripts/demo.sh --no-distill | --attention causal | --lora-layers K    # ablations
 #   bash scripts/demo.sh --compare       # default, --no-distill and --attention causal, one table
