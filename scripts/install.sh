@@ -11,7 +11,7 @@ fi
 if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
   .venv/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1"
 fi
-if ! .venv/bin/python -c "import vora, pytest" 2>/dev/null; then
+if ! .venv/bin/python -c "import vora, pytest, xdist" 2>/dev/null; then
   .venv/bin/pip install -q -e ".[test]"
 fi
 # DeepSpeed JIT-compiles its C++ ops on first use. By default they go to ~/.cache/torch_extensions, shared by every
