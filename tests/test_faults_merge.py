@@ -375,3 +375,41 @@ def test_generate_refuses_bad_input_in_one_line(world, tmp_path, capsys):
     for bad in ("-1", "nan"):
         code, _, err = generate_cli(capsys, *m, "--prompt", "x", "--temperature", bad)
         assert_one_line_error(code, err, "--temperature must be >= 0")
+
+    img = tmp_path / "a.png"
+    make_image(12, 16, seed=1).save(img)
+    # a chat prompt places the images itself: an <image> typed into it would be one image too many for the processor
+    for flag in ("--prompt", "--system"):
+        argv = [*m, "--image", img, "--prompt", "What is shown?", flag, "<image> <image> What is shown?"]
+        code, _, err = generate_cli(capsys, *argv)
+        assert_one_line_error(code, err, f"{flag} contains 2 <image> placeholder(s)", "--raw")
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    code, _, err = generate_cli(capsys, *m, "--image", bad, "--prompt", "x")
+    assert_one_line_error(code, err, f"cannot read image {bad}: cannot identify image file")
+    assert err.count("cannot read image") == 1, err
+
+
+@pytest.mark.parametrize("device, needle", [
+    ("gpu", "--device 'gpu' is not a device"),
+    ("cuda", "--device 'cuda': torch sees no CUDA GPU here"),
+    ("cuda:7", "--device 'cuda:7': torch sees no CUDA GPU here"),
+    ("mps", "--device 'mps': MPS is not available here"),
+    ("meta", "--device 'meta': runs on cpu, cuda or mps"),
+])
+def test_generate_refuses_a_device_torch_does_not_have_before_loading(world, capsys, monkeypatch, device, needle):
+    """Without this, torch's own error came from inside ``.to(device)`` after the model loaded, as a traceback."""
+    import vora.generate as gen
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(gen, "resolve_model", lambda m: pytest.fail("--device is checked before the model is read"))
+    code, _, err = generate_cli(capsys, "--model", world.merged_dir, "--prompt", "x", "--device", device)
+    assert_one_line_error(code, err, needle)
+
+
+def test_generate_names_a_cuda_index_beyond_the_devices(world, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    code, _, err = generate_cli(capsys, "--model", world.merged_dir, "--prompt", "x", "--device", "cuda:2")
+    assert_one_line_error(code, err, "--device 'cuda:2': there are 2 CUDA devices (cuda:0 … cuda:1)")

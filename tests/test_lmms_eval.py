@@ -82,3 +82,18 @@ def test_lmms_eval_score_equals_the_demos_evaluation(setup, tmp_path):
     # the same answer to every question (batched differently: 4 per batch, sorted by length, vs the demo's 48)
     assert [got[i].strip() for i in range(len(rows))] == answers
     assert results["accuracy,none"] == pytest.approx(acc["all"])
+
+
+@pytest.mark.parametrize("device, needle", [("cuda", "torch sees no CUDA GPU here"), ("gpu", "is not a device")])
+def test_a_device_torch_does_not_have_is_refused_before_loading(setup, monkeypatch, device, needle):
+    """model_args device=cuda on a machine without one: one ValueError naming the argument, before the model loads
+    (not torch's error from inside .to() after it)."""
+    from transformers import AutoModelForCausalLM
+
+    from vora.integrations.lmms_eval_model import VoRA
+
+    world, _ = setup
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(ValueError, match=f"vora model: device='{device}'.*{needle}"):
+        VoRA(pretrained=str(world.merged_dir), device=device)

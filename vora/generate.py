@@ -9,7 +9,8 @@ belongs (missing placeholders are prepended). Temperature 0 means greedy decodin
 
 ``--max-new-tokens`` is capped at the context the prompt leaves (``max_position_embeddings`` − prompt tokens, images
 included), with a warning. Bad input (a missing or non-VoRA ``--model``, a training checkpoint, an image the processor
-cannot take, an empty input, out-of-range sampling settings) is one ``vora-generate: error: …`` line, exit status 2.
+cannot take, an empty input, out-of-range sampling settings, ``<image>`` in a chat prompt, a ``--device`` torch does
+not have) is one ``vora-generate: error: …`` line, exit status 2.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ class UsageError(SystemExit):
 
 
 def build_inputs(processor, images: list, prompt: str, raw: bool = False, system: str | None = None):
+    token = processor.image_token
     if raw:
-        token = processor.image_token
         missing = len(images) - prompt.count(token)
         if missing < 0:
             raise UsageError(f"the prompt has {prompt.count(token)} {token} placeholders but {len(images)} images "
@@ -52,6 +53,11 @@ def build_inputs(processor, images: list, prompt: str, raw: bool = False, system
             raise UsageError("--raw with an empty --prompt and no --image: there is nothing to generate from")
         text = (token + "\n") * missing + prompt
         return processor(images=images or None, text=text, return_tensors="pt")
+    for flag, text in (("--prompt", prompt), ("--system", system or "")):
+        if token in text:  # the processor would count it as one more image than were given
+            raise UsageError(f"{flag} contains {text.count(token)} {token} placeholder(s): without --raw each --image "
+                             f"goes before the prompt by itself; remove {token} from {flag}, or pass --raw to place "
+                             "the images yourself")
     content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": prompt}]
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
@@ -111,6 +117,29 @@ def cap_new_tokens(requested: int, prompt_len: int, config) -> int:
     return requested
 
 
+def device_problem(device: str) -> str | None:
+    """What is wrong with a device name here (None when torch has it), before anything loads: otherwise torch's own
+    error comes from inside ``.to()`` after the model loaded. ``auto`` is always fine."""
+    if device == "auto":
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        return f"{device!r} is not a device (use auto, cpu, cuda, cuda:N or mps)"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"{device!r}: torch sees no CUDA GPU here (torch.cuda.is_available() is False); use cpu or auto"
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            return f"{device!r}: there are {n} CUDA devices (cuda:0 … cuda:{n - 1})"
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            return f"{device!r}: MPS is not available here; use cpu or auto"
+    elif dev.type != "cpu":
+        return f"{device!r}: runs on cpu, cuda or mps"
+    return None
+
+
 def load(model_dir: str, device: str = "auto", dtype: str = "auto", attn_implementation: str | None = None):
     """(model, processor) from a merged directory; uses the installed vora classes."""
     return load_model(model_dir, device, dtype, attn_implementation), AutoProcessor.from_pretrained(model_dir)
@@ -160,6 +189,8 @@ def generate(args) -> int:
         raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if problem := device_problem(args.device):
+        raise UsageError(f"--device {problem}")
     model_dir = resolve_model(args.model)
     try:  # before loading: a kernel that drops the image mask would answer about causally-read images
         check_attention_for(model_dir, args.attn_implementation, "--attn-implementation")
@@ -171,7 +202,9 @@ def generate(args) -> int:
         try:
             img = open_image(path)  # the opener training uses (EXIF orientation applied)
         except (OSError, ValueError, TypeError) as e:
-            raise UsageError(f"cannot read image {path}: {e}") from None
+            msg = str(e)  # open_image's message may already say "cannot read image PATH: …"
+            raise UsageError(msg if msg.startswith("cannot read image") else f"cannot read image {path}: {msg}") \
+                from None
         check_image(processor, img, path)
         images.append(img.convert("RGB"))
     inputs = build_inputs(processor, images, args.prompt, raw=args.raw, system=args.system)

@@ -76,7 +76,10 @@ class VoRA(lmms):
         from transformers import AutoModelForCausalLM, AutoProcessor
 
         import vora  # noqa: F401  (Auto classes know model_type 'vora': no remote code needed)
+        from vora.generate import device_problem
 
+        if device and (problem := device_problem(device)):  # before the model loads, not from inside .to()
+            raise ValueError(f"vora model: device={problem}")
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch_dtype = "auto" if dtype == "auto" else getattr(torch, str(dtype), None)
         if not (torch_dtype == "auto" or isinstance(torch_dtype, torch.dtype)):
