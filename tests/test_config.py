@@ -70,6 +70,22 @@ def test_errors_name_file_and_key(tmp_path, text, overrides, message):
     assert message in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize("text, overrides, message", [
+    ("model:\n  llm: [a\n", [], "x.yaml:3:1: not valid YAML: expected ',' or ']', but got '<stream end>' "
+                                 "(while parsing a flow sequence from line 2, column 8)"),
+    ("model:\n\tllm: x\n", [], "x.yaml:2:1: not valid YAML: found character '\\t' that cannot start any token"),
+    (MINIMAL, ["model.llm=[a"], "command line: model.llm: cannot parse value '[a' as YAML at character 3: expected ',' "
+                                "or ']'"),
+    (MINIMAL, ["model.llm=a: b: c"], "command line: model.llm: cannot parse value 'a: b: c' as YAML at character 5: "
+                                     "mapping values are not allowed here"),
+])
+def test_yaml_syntax_errors_are_one_line_with_the_position(tmp_path, text, overrides, message):
+    """PyYAML's message spans four lines (problem, mark, snippet, caret): ours is one, with file:line:column."""
+    with pytest.raises(ConfigError) as e:
+        load_recipe(write(tmp_path, text), overrides)
+    assert "\n" not in str(e.value) and message in str(e.value), str(e.value)
+
+
 def test_stage2_rules(tmp_path):
     stage2 = MINIMAL.replace("model: {llm: /models/llm}",
                              "model: {vora: /models/merged}").replace("lora: {layers: 2, rank: 4}\n", "")

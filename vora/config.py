@@ -74,6 +74,18 @@ def load_yaml(text_or_stream) -> Any:
     return yaml.load(text_or_stream, Loader=_Loader)
 
 
+def yaml_problem(e: yaml.YAMLError) -> tuple[Any, str]:
+    """PyYAML's multi-line message as (the problem's mark with 0-based ``line``/``column``, or None; the problem on
+    one line)."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if not problem:
+        return mark, " ".join(str(e).split())
+    context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context:
+        problem += f" ({context}" + (f" from line {cmark.line + 1}, column {cmark.column + 1})" if cmark else ")")
+    return mark, problem
+
+
 # ---------------------------------------------------------------------------------------------------- schema
 def _doc(text: str, **kw):
     return field(metadata={"doc": text}, **kw)
@@ -259,7 +271,9 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
         try:
             parsed = load_yaml(value) if value.strip() else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"command line: {key}: cannot parse value {value!r}: {e}") from None
+            mark, problem = yaml_problem(e)
+            at = f" at character {mark.column + 1}" if mark is not None and mark.line == 0 else ""
+            raise ConfigError(f"command line: {key}: cannot parse value {value!r} as YAML{at}: {problem}") from None
         out.append((key, parsed))
     return out
 
@@ -367,7 +381,9 @@ def load_recipe(path: str | None, overrides: list[str] | list[tuple[str, Any]] |
             try:
                 raw = load_yaml(f)
             except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+                mark, problem = yaml_problem(e)
+                at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+                raise ConfigError(f"{path}{at}: not valid YAML: {problem}") from None
         raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the recipe must be a mapping of sections {list(SECTIONS)}")
