@@ -95,6 +95,10 @@ def main(argv=None):
     from transformers import AutoModelForCausalLM, AutoProcessor, StoppingCriteria, StoppingCriteriaList
 
     import vora  # noqa: F401
+    from vora.generate import device_problem
+
+    if problem := device_problem(args.device):
+        p.error(f"--device {problem}")
 
     if args.threads is None and not args.device.startswith("cuda"):
         args.threads = 1

@@ -30,6 +30,7 @@ sys.path.insert(0, ROOT)
 from vora import VoRAConfig, VoRAForCausalLM  # noqa: E402
 from vora.build import flex_training_problem  # noqa: E402
 from vora.collator import VoRACollator  # noqa: E402
+from vora.generate import device_problem  # noqa: E402
 
 # name: LLM (hidden, layers, heads, kv heads, ffn, vocab), patch, LoRA rank, corpus (samples, text scale, max image
 # side in patches), micro-batch, row capacity
@@ -130,9 +131,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
+    if problem := device_problem(args.device):
+        p.error(f"--device {problem}")
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench_packing: error: --device cuda but no CUDA device is visible")
     if args.threads:
         torch.set_num_threads(args.threads)
     shape = dict(SHAPES[args.shape or ("S" if device.type == "cuda" else "tiny")])

@@ -47,6 +47,7 @@ from vora import distill as vdistill  # noqa: E402
 from vora.build import flex_training_problem  # noqa: E402
 from vora.collator import VoRACollator  # noqa: E402
 from vora.distill import VoRAForTraining, default_layer_map  # noqa: E402
+from vora.generate import device_problem  # noqa: E402
 from vora.lora import add_lora  # noqa: E402
 from vora.model import modeling_vora  # noqa: E402
 from vora.teacher import Teacher  # noqa: E402
@@ -382,6 +383,8 @@ def main(argv=None):
     if args.steps < 10:
         ap.error("--steps: at least 10 (the median of fewer is noise)")
     shape = SHAPES[args.shape]
+    if problem := device_problem(args.device):
+        ap.error(f"--device {problem}")
     device = torch.device(args.device)
     if shape.gpu_only and device.type != "cuda":
         ap.error(f"--shape {args.shape}: a 7B model is built directly on the GPU; run it with --device cuda")

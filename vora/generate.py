@@ -125,16 +125,16 @@ def device_problem(device: str) -> str | None:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
-        return f"{device!r} is not a device (use auto, cpu, cuda, cuda:N or mps)"
+        return f"{device!r} is not a device (e.g. cpu, cuda, cuda:1, mps)"
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            return f"{device!r}: torch sees no CUDA GPU here (torch.cuda.is_available() is False); use cpu or auto"
+            return f"{device!r}: torch sees no CUDA GPU here (torch.cuda.is_available() is False)"
         n = torch.cuda.device_count()
         if dev.index is not None and dev.index >= n:
             return f"{device!r}: there are {n} CUDA devices (cuda:0 … cuda:{n - 1})"
     elif dev.type == "mps":
         if not torch.backends.mps.is_available():
-            return f"{device!r}: MPS is not available here; use cpu or auto"
+            return f"{device!r}: MPS is not available here"
     elif dev.type != "cpu":
         return f"{device!r}: runs on cpu, cuda or mps"
     return None
