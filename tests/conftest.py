@@ -3,6 +3,8 @@
 * Unit tests (no marker) run by default: `pytest` is the edit-test loop (about a minute on 2 cores).
 * `e2e` tests (training / merge subprocesses, the DeepSpeed launcher, the demo: seconds to minutes each) run with
   `pytest --all` (README's test command, scripts/test.sh, CI), with `-m e2e`, or when named by node id.
+  scripts/test.sh runs them on two pytest-xdist workers, one test file each at a time (`-n 2 --dist loadfile`): a
+  module's world is built once, as in one process; the session-wide directories here once per worker.
 * `gpu` tests need CUDA and skip without it (scripts/gpu_checks.sh runs them on a GPU machine).
 
 Builders live in tests/tiny.py (tiny LLMs and teachers, batches, the dense mask reference), tests/vora_world.py
