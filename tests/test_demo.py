@@ -258,6 +258,24 @@ def test_compare_table_and_steps_to_80():
     assert "VoRA (default)" in text and "> 800" in text and "—" in text
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["--steps", "0"], "--steps: expected a positive number, got 0"),  # it used to run the preset's 1200 steps
+    (["--lora-layers", "0"], "--lora-layers: expected a positive number, got 0"),
+    (["--compare", "--compare-lora-layers", "-1"], "--compare-lora-layers: expected a positive number, got -1"),
+    (["--threads", "0"], "--threads: expected a positive number, got 0"),
+    (["--out", "FILE"], "exists and is not a directory"),  # it used to be a FileExistsError traceback
+])
+def test_bad_arguments_are_one_line_before_anything_runs(tmp_path, capsys, argv, needle):
+    (tmp_path / "file").write_text("mine")
+    argv = [str(tmp_path / "file") if a == "FILE" else a for a in argv]
+    with pytest.raises(SystemExit) as e:
+        R.parse_args(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("vora-demo: error: ") and needle in err, err
+    assert (tmp_path / "file").read_text() == "mine"
+
+
 def test_several_seeds_print_their_spread_and_one_verdict():
     assert R.parse_args([]).seed == [0]
     assert R.parse_args(["--seed", "0", "1", "2"]).seed == [0, 1, 2]

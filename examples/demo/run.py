@@ -483,7 +483,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(REPO / "demo_out"),
                    help="working directory (default: demo_out/ in the repository)")
     p.add_argument("--fast", action="store_true",
-                   help="small budget (~2–3 min): smaller corpus, fewer steps; bar colour ≥ 60 %%")
+                   help="small budget (~2–2.5 min): smaller corpus, fewer steps; bar colour ≥ 60 %%")
     p.add_argument("--no-distill", action="store_true", help="ablation: no teacher (LM loss only)")
     p.add_argument("--attention", choices=["bidirectional", "causal"], default="bidirectional",
                    help="attention inside image tokens")
@@ -507,8 +507,12 @@ def parse_args(argv=None):
                 "do not combine it with --no-distill / --attention / --lora-layers")
     if len(set(args.seed)) != len(args.seed):
         p.error(f"--seed: each seed once, got {' '.join(map(str, args.seed))}")
-    if args.threads is not None and args.threads < 1:
-        p.error(f"--threads: expected a positive number, got {args.threads}")
+    for flag, value in (("--threads", args.threads), ("--steps", args.steps), ("--lora-layers", args.lora_layers),
+                        ("--compare-lora-layers", args.compare_lora_layers)):
+        if value is not None and value < 1:  # --steps 0 used to mean "the preset's steps"
+            p.error(f"{flag}: expected a positive number, got {value}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out}: exists and is not a directory; give a directory (it is created when missing)")
     return args
 
 
@@ -567,7 +571,7 @@ def main(argv=None) -> int:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the training and merge processes
         torch.set_num_threads(args.threads)
     preset = dict(PRESETS["fast" if args.fast else "full"])
-    steps = args.steps or preset["stage1_steps"]
+    steps = preset["stage1_steps"] if args.steps is None else args.steps
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     quiet_console(out / "logs" / "demo.log")
