@@ -179,16 +179,6 @@ def main(argv=None) -> int:
     p.add_argument("--image-token-id", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     n_image_tokens = (args.image_size // 14) ** 2
-    if not args.engine:  # before building anything (the engines run in child processes that would fail one by one)
-        import importlib.util
-
-        import torch
-
-        if not (args.shape == "tiny" and args.skip_vllm) and not torch.cuda.is_available():
-            p.error("needs a CUDA GPU (torch sees none here); a CPU smoke run of the rest: --shape tiny --skip-vllm")
-        if not args.skip_vllm and importlib.util.find_spec("vllm") is None:
-            p.error(f"vLLM is not installed in {sys.executable} (README \"Serve\"): run this with the vLLM "
-                    "environment's python, or pass --skip-vllm")
 
     if args.engine:
         if args.engine == "hf":
@@ -197,6 +187,17 @@ def main(argv=None) -> int:
             res = run_vllm(args, args.model_dir, args.engine == "vllm-vora", args.image_token_id, n_image_tokens)
         print("RESULT " + json.dumps(res))
         return 0
+
+    # The machine, before building anything (the engines run in child processes that would fail one by one).
+    import importlib.util
+
+    import torch
+
+    if not (args.shape == "tiny" and args.skip_vllm) and not torch.cuda.is_available():
+        p.error("needs a CUDA GPU (torch sees none here); a CPU smoke run of the rest: --shape tiny --skip-vllm")
+    if not args.skip_vllm and importlib.util.find_spec("vllm") is None:
+        p.error(f"vLLM is not installed in {sys.executable} (README \"Serve\"): run this with the vLLM "
+                "environment's python, or pass --skip-vllm")
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_serve_"))
     t = time.time()

@@ -13,6 +13,10 @@ tests/helpers_data.py (tokenizers, images, annotation files, recipes). The direc
 are built once per session here; what a module's tests write into is built per module there.
 """
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -66,6 +70,20 @@ def llm_dir(llm_dirs):
 def teacher_dir(tmp_path_factory):
     """A tiny CLIP vision teacher (3 blocks, 8×8 images, patch 2) with its preprocessor_config.json."""
     return save_teacher(tmp_path_factory.mktemp("tiny_teacher") / "clip")
+
+
+@pytest.fixture(scope="session")
+def bench_script():
+    """``load(name)`` → scripts/NAME.py imported as a module (the benchmarks are scripts, not package modules)."""
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"scripts_{name}", Path(__file__).parents[1] / "scripts" /
+                                                      f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,16 +1,9 @@
 """Smoke test of scripts/bench_packing.py at its tiny CPU size: it runs and prints the side-by-side table.
 It asserts nothing about speed (figures live in README's Performance section, not in tests)."""
 
-import importlib.util
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_packing.py"
-
-
-def test_bench_packing_runs_and_reports(capsys):
-    spec = importlib.util.spec_from_file_location("bench_packing", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_bench_packing_runs_and_reports(capsys, bench_script):
+    bench = bench_script("bench_packing")
     assert bench.main(["--samples", "8", "--batch", "4", "--rounds", "1", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     rows = {w[0]: w for w in map(str.split, out.splitlines()) if w and w[0] in ("padded", "packed") and w[1].isdigit()}

@@ -3,21 +3,9 @@ they build anything: not torch's RuntimeError from the first ``.to("cuda")``, an
 one by one in child processes after minutes of building a 0.5B model on the CPU."""
 
 import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"scripts_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def refusal(capsys, main, argv) -> str:
@@ -42,13 +30,13 @@ def no_gpu(monkeypatch):
     ("cuda", "--device 'cuda': torch sees no CUDA GPU here"),
     ("gpu", "--device 'gpu' is not a device"),
 ])
-def test_a_device_torch_does_not_have_is_one_line(capsys, no_gpu, script, argv, device, needle):
-    line = refusal(capsys, load(script).main, [*argv, "--device", device])
+def test_a_device_torch_does_not_have_is_one_line(capsys, no_gpu, bench_script, script, argv, device, needle):
+    line = refusal(capsys, bench_script(script).main, [*argv, "--device", device])
     assert ": error: " in line and needle in line, line  # argparse names the program from sys.argv
 
 
-def test_bench_serve_needs_a_gpu_and_vllm_before_building(capsys, no_gpu, monkeypatch):
-    bench = load("bench_serve")
+def test_bench_serve_needs_a_gpu_and_vllm_before_building(capsys, no_gpu, monkeypatch, bench_script):
+    bench = bench_script("bench_serve")
     monkeypatch.setattr(bench, "build", lambda *a: pytest.fail("built models before checking the machine"))
     line = refusal(capsys, bench.main, [])
     assert "needs a CUDA GPU (torch sees none here)" in line and "--shape tiny --skip-vllm" in line, line
