@@ -213,10 +213,11 @@ def main(argv=None) -> int:
         cmd = [sys.executable, __file__, "--engine", engine, "--model-dir", str(model_dir),
                "--image-token-id", str(image_token_id)] + [a for a in (argv if argv is not None else sys.argv[1:])]
         env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        # one stream: vLLM logs to stdout, a worker's exception (e.g. the image-mask refusal) included
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
-            print(f"{label}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}")
+            print(f"{label}: failed (exit {proc.returncode})\n{proc.stdout[-3000:]}")
             continue
         results[label] = json.loads(line[len("RESULT "):])
 

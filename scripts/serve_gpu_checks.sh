@@ -2,7 +2,8 @@
 # The GPU checks for serving (README "Serve"), in one call, on a machine with CUDA and vLLM 0.33 installed:
 #   bash scripts/serve_gpu_checks.sh [PYTHON]        # PYTHON: the vLLM environment's interpreter (default: python)
 # 1. tests/test_vllm_cpu.py + tests/test_vllm_cuda.py: plugin, processor, vLLM == transformers (fp32 exact, bf16 within
-#    tolerance), causal variant differs, refusal without is_mm_prefix_lm (about 5 engine starts, ~5 min on an H200);
+#    tolerance), causal variant differs, refusal without is_mm_prefix_lm, `vllm serve` answering an OpenAI chat
+#    request (about 6 engine starts, ~6 min on an H200);
 # 2. scripts/bench_serve.py: vLLM VoRA (448² image) vs the bare LLM (same tokens) vs transformers.generate.
 # The vLLM environment needs vora installed beside it without touching vLLM's torch: pip install --no-deps -e .
 set -uo pipefail

@@ -260,6 +260,16 @@ def test_image_mask_check_refuses_wrong_serving(change, layer_kw, match):
         check_image_mask(**{**GOOD, **change}, layers=layers(**layer_kw))
 
 
+def test_image_mask_refusal_names_the_backend_before_the_chunking_flag_and_fits_the_device():
+    # vLLM's CPU platform builds every layer with the mask flag on CPU_ATTN, which cannot keep it, and runs chunked
+    # prefill: the refusal must say that no flag helps there, not ask for --disable-chunked-mm-input first.
+    cpu_layers = [AttentionLayerInfo("model.layers.0.self_attn.attn", "CPU_ATTN", True, False)]
+    with pytest.raises(ImageMaskError, match=r"backend CPU_ATTN.*no CPU attention backend.*GPU.*limit-mm-per-prompt"):
+        check_image_mask(**{**GOOD, "chunked_mm_input": True}, layers=cpu_layers, device_type="cpu")
+    with pytest.raises(ImageMaskError, match=r"backend FLASH_ATTN.*--attention-backend TRITON_ATTN"):
+        check_image_mask(**{**GOOD, "chunked_mm_input": True}, layers=layers(supports=False), device_type="cuda")
+
+
 # ------------------------------------------------------------------------------------------------
 # packaging
 # ------------------------------------------------------------------------------------------------

