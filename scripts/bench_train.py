@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vora import VoRAForCausalLM  # noqa: E402
 from vora import distill as vdistill  # noqa: E402
-from vora.build import flex_training_problem  # noqa: E402
+from vora.build import enable_activation_checkpointing, flex_training_problem  # noqa: E402
 from vora.collator import VoRACollator  # noqa: E402
 from vora.distill import VoRAForTraining, default_layer_map  # noqa: E402
 from vora.generate import device_problem  # noqa: E402
@@ -113,7 +113,7 @@ def build_models(shape: Shape, root: str, device, dtype, attn: str | None, chunk
     )
     add_lora(vora, num_layers=shape.lora_layers, rank=shape.lora_rank)
     if checkpointing:
-        vora.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(vora, {"use_reentrant": False})
         vora.config.use_cache = False
     pairs = default_layer_map(min(shape.lora_layers, shape.layers), shape.t_layers)
     teacher = Teacher.from_pretrained(teacher_dir, blocks=sorted({t for _, t in pairs}), dtype=dtype)

@@ -5,12 +5,13 @@
 #    tolerance), causal variant differs, refusal without is_mm_prefix_lm, `vllm serve` answering an OpenAI chat
 #    request (about 6 engine starts, ~6 min on an H200);
 # 2. scripts/bench_serve.py: vLLM VoRA (448² image) vs the bare LLM (same tokens) vs transformers.generate.
-# The vLLM environment needs vora installed beside it without touching vLLM's torch: pip install --no-deps -e .
+# The vLLM environment needs vora and its test dependencies beside vLLM; pip keeps vLLM's torch and transformers, which
+# satisfy vora's bounds:  pip install "vllm==0.33.*" && pip install -e ".[test]"
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-python}
-if ! "$PY" -c "import vllm, torch, vora; assert torch.cuda.is_available()" 2>/dev/null; then
-  echo "serve_gpu_checks: error: $PY needs vllm, vora and a CUDA device (pip install 'vllm==0.33.*' && pip install --no-deps -e .)" >&2
+if ! "$PY" -c "import vllm, torch, vora, vora.lora, merge_tools.merge, pytest; assert torch.cuda.is_available()" 2>/dev/null; then
+  echo "serve_gpu_checks: error: $PY needs vllm, vora with its test extra and a CUDA device (pip install 'vllm==0.33.*' && pip install -e '.[test]')" >&2
   exit 2
 fi
 "$PY" -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"

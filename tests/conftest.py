@@ -9,7 +9,8 @@
 
 Builders live in tests/tiny.py (tiny LLMs and teachers, batches, the dense mask reference), tests/vora_world.py
 (a trained-looking checkpoint and its merge), tests/train_world.py (the training world and its runs) and
-tests/helpers_data.py (tokenizers, images, annotation files, recipes). The directories that every module can share
+tests/helpers_data.py (tokenizers, images, annotation files, recipes); tests/vllm_engine.py runs vLLM engines and
+their transformers reference for the vLLM tests. The directories that every module can share
 are built once per session here; what a module's tests write into is built per module there.
 """
 

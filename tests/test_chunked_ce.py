@@ -11,6 +11,7 @@ from tests.tiny import TRAINING_P as P
 from tests.tiny import TRAINING_SAMPLES as SAMPLES
 from tests.tiny import build_for_training as build
 from vora import VoRAForCausalLM
+from vora.build import enable_activation_checkpointing
 from vora.chunked_ce import chunked_lm_loss
 from vora.collator import VoRACollator
 from vora.distill import VoRAForTraining
@@ -62,7 +63,7 @@ def assert_same(model, batches, num_items=None):
 def test_chunked_loss_and_gradients_equal_full_logits(dirs, kind, packing, checkpointing):
     model = build(dirs["llm"], dirs["clip"])
     if checkpointing:
-        model.vora.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model.vora, {"use_reentrant": False})
     assert_same(model, [batch_for(kind, packing)])
 
 

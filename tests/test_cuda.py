@@ -5,6 +5,7 @@ import torch
 
 from tests.tiny import IMAGE_TOKEN_ID, ROWS, P, dense_reference_mask, make_batch, save_teacher
 from vora import VoRAForCausalLM
+from vora.build import enable_activation_checkpointing
 from vora.distill import VoRAForTraining
 from vora.lora import add_lora
 from vora.teacher import Teacher
@@ -55,7 +56,7 @@ def test_bf16_training_step_with_checkpointing_and_distillation(llm_dir, tmp_pat
                                     position_grid=4,
                                     dtype=torch.bfloat16, attn_implementation="sdpa")
     add_lora(vora, num_layers=2, rank=8)
-    vora.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(vora, {"use_reentrant": False})
     teacher = Teacher.from_pretrained(teacher_dir, blocks=[1, 2], dtype=torch.bfloat16)
     model = VoRAForTraining(vora, teacher, [(1, 1), (2, 2)], image_mean=(0.5,) * 3, image_std=(0.5,) * 3).cuda().train()
     batch = [t.cuda() for t in make_batch(ROWS, "right")]

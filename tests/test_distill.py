@@ -15,6 +15,7 @@ from transformers import (
 
 from tests.tiny import IMAGE_TOKEN_ID, MEAN, STD, TEACHER_MEAN, TEACHER_STD, P, make_batch, save_teacher
 from vora import VoRAForCausalLM
+from vora.build import enable_activation_checkpointing
 from vora.distill import VoRAForTraining, default_layer_map
 from vora.lora import add_lora
 from vora.teacher import Teacher, init_patch_embed_from_teacher
@@ -115,7 +116,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(dirs):
     for ckpt in (False, True):
         model = build(dirs).train()
         if ckpt:
-            model.vora.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model.vora, {"use_reentrant": False})
         model(**kw).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()

@@ -67,6 +67,15 @@ def _gradient_checkpointing(recipe: Recipe) -> tuple[bool, dict]:
     return on, kwargs
 
 
+def enable_activation_checkpointing(model, kwargs: dict) -> None:
+    """transformers 5.23 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` (the old
+    name warns); releases down to pyproject's lower bound have only the old one."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _torch_dtype(name: str | None, recipe: Recipe, args):
     if name is None:
         name = "bfloat16" if (args.bf16 and args.deepspeed) else "float32"
@@ -278,7 +287,7 @@ def build_model(recipe: Recipe, args) -> Built:
 
     gc_on, gc_kwargs = _gradient_checkpointing(recipe)
     if gc_on:
-        vora.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
+        enable_activation_checkpointing(vora, gc_kwargs)
         vora.config.use_cache = False
 
     ip = processor.image_processor

@@ -11,7 +11,8 @@ vLLM tokenizes the prompt itself and calls ``_call_hf_processor`` with the image
 patches + per-image grid as ``MultiModalFieldConfig.flat_from_sizes`` / ``batched``).
 
 Everything that does not need vLLM (config fields, token counts, weight names, the image-mask check) is in
-:mod:`vora.integrations.serving` and tested on CPU.
+:mod:`vora.integrations.serving` and tested on CPU; this class runs in vLLM's CPU build (0.32) in
+tests/test_vllm_engine_cpu.py and on CUDA in tests/test_vllm_cuda.py.
 """
 
 from __future__ import annotations

@@ -13,8 +13,15 @@ causally.
 Copied into merged checkpoints (trust_remote_code): imports only torch and transformers.
 """
 
+import inspect
+
 import torch
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+# transformers 5.24 renamed the KV-cache argument `past_key_values` to `cache` (models, generate, masking_utils).
+# Older 5.x releases stay in use where serving engines pin them (vLLM 0.33: transformers < 5.21), and a merged
+# checkpoint must load there too: this is the one place that knows both names (modeling_vora.py imports it).
+CACHE_KWARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 # Attention implementations whose transformers mask interface honours a mask function, so they can express
 # "bidirectional inside each image, causal elsewhere, nothing across packed samples or padding".
@@ -171,10 +178,10 @@ def build_attention_masks(
         config=text_config,
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,
-        cache=cache,
         position_ids=position_ids,
         block_sequence_ids=block_ids,
         and_mask_function=segment_mask_function(attention_mask) if packed else None,
+        **{CACHE_KWARG: cache},
     )
     layer_types = set(getattr(text_config, "layer_types", None) or ["full_attention"])
     masks = {}

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_vora import VoRAConfig
-from .mask import build_attention_masks, check_attn_implementation, image_block_ids
+from .mask import CACHE_KWARG, build_attention_masks, check_attn_implementation, image_block_ids
 
 
 def check_attention_for(model_dir, attn_implementation, setting: str = "attn_implementation") -> None:
@@ -217,6 +217,8 @@ class VoRAForCausalLM(VoRAPreTrainedModel, GenerationMixin):
         image_grid_list: list | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        if cache is None:  # transformers < 5.24 passes the KV cache as past_key_values (mask.CACHE_KWARG)
+            cache = kwargs.pop("past_key_values", None)
         if (
             inputs_embeds is None and pixel_values is None and input_ids is not None and input_ids.shape[-1] == 1
             and cache is not None and cache.get_seq_length() > 0
@@ -224,8 +226,8 @@ class VoRAForCausalLM(VoRAPreTrainedModel, GenerationMixin):
             # A decoding step (one new token, images already in the cache) is exactly a base LLM step: no
             # placeholder check (a host sync), no extra ops. Decoding costs what the base LLM costs.
             return self.language_model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs,
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
+                use_cache=use_cache, logits_to_keep=logits_to_keep, **{CACHE_KWARG: cache}, **kwargs,
             )
         inputs_embeds, attention_mask = self._decoder_inputs(
             input_ids, attention_mask, position_ids, cache, inputs_embeds, pixel_values, image_grid_hw, image_grid_list
@@ -234,10 +236,10 @@ class VoRAForCausalLM(VoRAPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
+            **{CACHE_KWARG: cache},
             **kwargs,
         )
 
@@ -284,10 +286,11 @@ class VoRAForCausalLM(VoRAPreTrainedModel, GenerationMixin):
         # Otherwise the LLM builds its usual causal mask: decoding costs exactly what the base LLM costs.
         return inputs_embeds, attention_mask
 
-    def prepare_inputs_for_generation(self, input_ids, cache=None, is_first_iteration=False, pixel_values=None,
-                                      image_grid_hw=None, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(input_ids, cache=cache,
-                                                             is_first_iteration=is_first_iteration, **kwargs)
+    def prepare_inputs_for_generation(self, input_ids, is_first_iteration=False, pixel_values=None, image_grid_hw=None,
+                                      **kwargs):
+        # the KV cache stays in kwargs under the installed transformers' name (mask.CACHE_KWARG)
+        model_inputs = super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration,
+                                                             **kwargs)
         # Images enter once, with the prompt; decoding steps are plain causal LLM steps.
         if is_first_iteration or not kwargs.get("use_cache", True):
             model_inputs["pixel_values"] = pixel_values
