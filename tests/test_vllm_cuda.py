@@ -21,18 +21,16 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.e2e]
 pytest.importorskip("vllm")
 
-from tests.helpers_data import make_image  # noqa: E402
 from tests.vllm_engine import (  # noqa: E402
     chat_completion,
-    chat_prompt,
     reference,
     run_vllm,
+    serving_world,
     text_positions_after_first_image,
     until_eos,
     variant,
     vllm_serve,
 )
-from tests.vora_world import build_world  # noqa: E402
 
 ENGINE = {"gpu_memory_utilization": 0.25, "limit_mm_per_prompt": {"image": 2}}
 
@@ -40,17 +38,8 @@ ENGINE = {"gpu_memory_utilization": 0.25, "limit_mm_per_prompt": {"image": 2}}
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm_cuda")
-    # hidden 256 / 4 heads: head size 64 (vLLM's Triton attention needs >= 32)
-    world = build_world(root / "world", hidden=256, max_shard_size="5GB")
-    images = [make_image(16, 16, seed=1), make_image(24, 20, seed=2)]  # 4x4 and 6x5 patches (patch 4)
-    paths = []
-    for k, img in enumerate(images):
-        paths.append(str(root / f"img{k}.png"))
-        img.save(paths[-1])
-    from vora.model.processing_vora import VoRAProcessor
-
-    proc = VoRAProcessor.from_pretrained(str(world.merged_dir))
-    return world, root, images, paths, chat_prompt(proc, images), proc
+    world, images, paths, prompt, proc = serving_world(root)
+    return world, root, images, paths, prompt, proc
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

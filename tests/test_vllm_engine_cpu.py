@@ -30,15 +30,14 @@ if not current_platform.is_cpu():
 from tests.helpers_data import make_image  # noqa: E402
 from tests.vllm_engine import (  # noqa: E402
     chat_completion,
-    chat_prompt,
     reference,
     run_vllm,
+    serving_world,
     text_positions_after_first_image,
     until_eos,
     variant,
     vllm_serve,
 )
-from tests.vora_world import build_world  # noqa: E402
 
 # the KV cache is sized by this on CPU (GiB); the engine's process count and threads stay vLLM's defaults
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -53,18 +52,8 @@ def worlds(tmp_path_factory):
     def get(arch="qwen2"):
         if arch not in built:
             root = tmp_path_factory.mktemp(f"vllm_engine_cpu_{arch}")
-            # hidden 256 / 4 heads: head size 64 (vLLM's CPU attention supports 32, 64, 80, ...); the llama world
-            # ties its embeddings (no lm_head tensor in the checkpoint)
-            world = build_world(root / "world", arch=arch, tie=arch == "llama", hidden=256, max_shard_size="5GB")
-            images = [make_image(16, 16, seed=1), make_image(24, 20, seed=2)]  # 4x4 and 6x5 patches (patch 4)
-            paths = []
-            for k, img in enumerate(images):
-                paths.append(str(root / f"img{k}.png"))
-                img.save(paths[-1])
-            from vora.model.processing_vora import VoRAProcessor
-
-            proc = VoRAProcessor.from_pretrained(str(world.merged_dir))
-            built[arch] = world, root, images, paths, chat_prompt(proc, images), proc
+            world, images, paths, prompt, proc = serving_world(root, arch)
+            built[arch] = world, root, images, paths, prompt, proc
         return built[arch]
 
     return get

@@ -24,6 +24,9 @@ from pathlib import Path
 
 import torch
 
+from tests.helpers_data import make_image
+from tests.vora_world import build_world
+
 ROOT = Path(__file__).resolve().parents[1]
 MAX_NEW = 8
 # the test prompt: text and two images interleaved
@@ -54,6 +57,23 @@ if spec["parts"]:
     out.update(chat_prompt_ids=list(c.prompt_token_ids), chat_tokens=list(c.outputs[0].token_ids))
 json.dump(out, open(spec["out"], "w"))
 """
+
+
+def serving_world(root: Path, arch: str = "qwen2"):
+    """(world, images, image paths, chat prompt, processor): a merged tiny model for engines (hidden 256 / 4 heads:
+    head size 64, which vLLM's Triton and CPU attention support; the llama world ties its embeddings, so its
+    checkpoint has no lm_head), two images of 4x4 and 6x5 patches saved as PNGs, and the chat prompt with both."""
+    from vora.model.processing_vora import VoRAProcessor
+
+    root = Path(root)
+    world = build_world(root / "world", arch=arch, tie=arch == "llama", hidden=256, max_shard_size="5GB")
+    images = [make_image(16, 16, seed=1), make_image(24, 20, seed=2)]  # patch 4
+    paths = []
+    for k, img in enumerate(images):
+        paths.append(str(root / f"img{k}.png"))
+        img.save(paths[-1])
+    proc = VoRAProcessor.from_pretrained(str(world.merged_dir))
+    return world, images, paths, chat_prompt(proc, images), proc
 
 
 def variant(merged_dir: Path, root: Path, name: str, **config_changes) -> Path:
