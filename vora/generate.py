@@ -201,10 +201,10 @@ def generate(args) -> int:
     for path in args.image:
         try:
             img = open_image(path)  # the opener training uses (EXIF orientation applied)
-        except (OSError, ValueError, TypeError) as e:
-            msg = str(e)  # open_image's message may already say "cannot read image PATH: …"
-            raise UsageError(msg if msg.startswith("cannot read image") else f"cannot read image {path}: {msg}") \
-                from None
+        except ValueError as e:  # undecodable file: open_image already says "cannot read image PATH: …"
+            raise UsageError(str(e)) from None
+        except (OSError, TypeError) as e:
+            raise UsageError(f"cannot read image {path}: {e}") from None
         check_image(processor, img, path)
         images.append(img.convert("RGB"))
     inputs = build_inputs(processor, images, args.prompt, raw=args.raw, system=args.system)
