@@ -33,9 +33,10 @@ MAX_NEW = 8
 PARTS = [("text", "Look:"), ("image", 0), ("text", "and"), ("image", 1), ("text", "What is in the picture?")]
 
 ENGINE = r"""
-import base64, json, sys
+import json, sys
 from PIL import Image
 from vllm import LLM, SamplingParams
+from tests.vllm_engine import openai_content
 
 spec = json.load(open(sys.argv[1]))
 llm = LLM(model=spec["model"], dtype=spec["dtype"], max_model_len=512, enforce_eager=True, seed=0, max_num_seqs=4,
@@ -49,10 +50,7 @@ ids = res.prompt_token_ids
 out = {"prompt_ids": ids, "tokens": list(res.outputs[0].token_ids),
        "prompt_logprobs": [None] + [res.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))]}
 if spec["parts"]:
-    url = lambda p: "data:image/png;base64," + base64.b64encode(open(p, "rb").read()).decode()
-    content = [{"type": "image_url", "image_url": {"url": url(spec["images"][v])}} if kind == "image"
-               else {"type": "text", "text": v} for kind, v in spec["parts"]]
-    [c] = llm.chat([{"role": "user", "content": content}],
+    [c] = llm.chat([{"role": "user", "content": openai_content(spec["images"], spec["parts"])}],
                    SamplingParams(max_tokens=spec["max_new"], temperature=0.0), use_tqdm=False)
     out.update(chat_prompt_ids=list(c.prompt_token_ids), chat_tokens=list(c.outputs[0].token_ids))
 json.dump(out, open(spec["out"], "w"))
@@ -190,14 +188,19 @@ def vllm_serve(model_dir, log_path: Path, *args: str, env: dict | None = None, t
                 server.wait()
 
 
-def chat_completion(url: str, model: str, image_paths: list[str], parts=PARTS, max_tokens: int = MAX_NEW) -> dict:
-    """One OpenAI chat request with data-URL images between text parts, greedy, asking vLLM for the token ids."""
+def openai_content(image_paths: list[str], parts=PARTS) -> list[dict]:
+    """``parts`` as OpenAI chat content: text parts, and images as PNG data URLs (what `vllm serve` receives)."""
     def data_url(path):
         return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
-    content = [{"type": "image_url", "image_url": {"url": data_url(image_paths[v])}} if kind == "image"
-               else {"type": "text", "text": v} for kind, v in parts]
-    body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+    return [{"type": "image_url", "image_url": {"url": data_url(image_paths[v])}} if kind == "image"
+            else {"type": "text", "text": v} for kind, v in parts]
+
+
+def chat_completion(url: str, model: str, image_paths: list[str], parts=PARTS, max_tokens: int = MAX_NEW) -> dict:
+    """One OpenAI chat request with data-URL images between text parts, greedy, asking vLLM for the token ids."""
+    body = {"model": model, "messages": [{"role": "user", "content": openai_content(image_paths, parts)}],
+            "max_tokens": max_tokens,
             "temperature": 0.0, "return_token_ids": True}
     request = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
