@@ -5,7 +5,10 @@
 #   bash scripts/test_oldest.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-oldest=$(grep -oP '^\s*"transformers>=\K[0-9][0-9.]*' pyproject.toml)
+oldest=$(grep -oP '^\s*"transformers>=\K[0-9][0-9.]*' pyproject.toml) || {
+  echo "test_oldest: error: pyproject.toml [project] dependencies have no \"transformers>=X...\" line to read the lower bound from" >&2
+  exit 2
+}
 echo "test_oldest: transformers==$oldest"
 export VENV=${VENV:-.venv-oldest} TRANSFORMERS="transformers==$oldest"
 bash scripts/test.sh "$@"
